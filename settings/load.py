@@ -1,0 +1,215 @@
+"""YAML files + dotted command-line overrides -> a validated `Config`.
+
+Later files and overrides win. An unknown key is an error with a did-you-mean; a wrong type
+names the key and the type it expects. Nothing here knows what the values mean: each stage
+checks its own semantics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from settings.schema import Config
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without its surprises: `6:21` stays a string (not the base-60 integer 1281) and
+    `1e-4` is a float (not a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_config(paths: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge YAML files in order, then `key.sub=value` overrides, and validate."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    merged: dict[str, Any] = {}
+    for p in paths:
+        _deep_merge(merged, _read_yaml(Path(p)), source=str(p))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(merged, key, value)
+    return build(merged)
+
+
+def build(data: dict[str, Any]) -> Config:
+    """A nested dict -> Config, checking every key and type."""
+    return _build_dataclass(Config, data, prefix="")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any], source: str) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value, source)
+        else:
+            into[key] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (example: training.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if "." not in key:
+        raise ConfigError(f"override {item!r} needs a section: section.key=value (example: training.lr=1e-4)")
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build_dataclass(expected, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, expected, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    """Return value as `expected`, allowing only lossless conversions (int -> float,
+    '1e-4' -> float, which YAML 1.1 reads as a string)."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for opt in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, opt, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a revision like 1234 or a range typed without quotes
+    raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(t)[0])}"
+    if t is type(None):
+        return "null"
+    return getattr(t, "__name__", str(t))
