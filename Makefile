@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(v)))),$(v)))
 FLAGS = $(if $(OVERWRITE),--overwrite) $(if $(RESUME),--resume)
 
-.PHONY: venv demo test harvest train evaluate compare info verify lint check bench clean-demo
+.PHONY: venv demo test harvest train evaluate compare info verify lint check saelens-env
 
 venv: $(STAMP)
 
@@ -39,6 +39,7 @@ demo: venv
 	$(PY) -m harvest --config $(CONFIG) $(OVERRIDES)
 	$(PY) -m cache info $$($(PY) -m settings get harvest.output --config $(CONFIG) $(OVERRIDES))
 	$(PY) -m train --model topk --config $(CONFIG) --overwrite training.run_name=demo-topk $(OVERRIDES)
+	$(PY) -m evaluate runs/demo-topk
 
 test: venv
 	$(PY) -m pytest tests
@@ -48,6 +49,18 @@ harvest: venv
 
 train: venv
 	$(PY) -m train --model $(MODEL) --config $(CONFIG) $(FLAGS) $(if $(CACHE),training.cache=$(CACHE)) $(OVERRIDES)
+
+evaluate: venv
+	$(PY) -m evaluate $(RUN) $(OVERRIDES)
+
+compare: venv
+	$(PY) -m evaluate compare $(or $(RUNS),runs/*)
+
+# sae-lens pins its own dependencies; it lives in its own environment, used only by the export test.
+saelens-env:
+	@test -x .venv-saelens/bin/python || $(PYTHON) -m venv .venv-saelens
+	@.venv-saelens/bin/python -c "import torch" 2>/dev/null || .venv-saelens/bin/pip install -q torch==2.13.0
+	.venv-saelens/bin/pip install -q sae-lens==6.54.12
 
 info: venv
 	$(PY) -m cache info $(or $(CACHE),$$($(PY) -m settings get harvest.output --config $(CONFIG)))

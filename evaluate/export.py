@@ -1,0 +1,107 @@
+"""Export a saved SAE in SAELens' on-disk format (`cfg.json` + `sae_weights.safetensors`, plus
+`sparsity.safetensors` when the run has been evaluated), loadable by `sae_lens.SAE.load_from_disk`.
+
+SAELens applies an SAE to raw activations with no normaliser ("normalize_activations": "none"),
+computing (x - b_dec) @ W_enc + b_enc with W_enc [d_in, d_sae] and f @ W_dec + b_dec. Ours scales
+the input by s (`input_scale`) first and divides the output by s, so the scale is folded in:
+W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s (pre-activations, hence thresholds, are
+unchanged). Mappings:
+- VanillaSAE -> "standard"; GatedSAE -> "gated" (W_gate becomes W_enc); TopKSAE -> "topk" (k);
+  JumpReLUSAE -> "jumprelu";
+- BatchTopKSAE and MatryoshkaSAE -> "jumprelu" with every threshold = the learned global theta,
+  which is exactly their inference rule f = ReLU(z) 1[z > theta].
+Routed SAEs have no SAELens counterpart: refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sae import load_sae
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+_ARCH = {"VanillaSAE": "standard", "GatedSAE": "gated", "TopKSAE": "topk", "JumpReLUSAE": "jumprelu",
+         "BatchTopKSAE": "jumprelu", "MatryoshkaSAE": "jumprelu"}
+
+
+def saelens_tensors(sae: torch.nn.Module) -> tuple[str, dict[str, Tensor]]:
+    """-> (SAELens architecture, its state dict in float32) for our `sae`."""
+    name = type(sae).type_name
+    if name not in _ARCH:
+        raise ValueError(f"{name} has no SAELens counterpart (SAELens can represent {sorted(_ARCH)}); "
+                         "routed SAEs cannot be exported")
+    s = float(sae.input_scale[0])
+    p = {k: v.detach().float().cpu() for k, v in sae.state_dict().items()}
+    w_dec, b_dec = p["W_dec"] / s, p["b_dec"] / s
+    if name == "GatedSAE":
+        return "gated", {"W_enc": p["W_gate"] * s, "b_gate": p["b_gate"], "r_mag": p["r_mag"], "b_mag": p["b_mag"],
+                         "W_dec": w_dec, "b_dec": b_dec}
+    w_enc = p["W_enc"]
+    if tuple(w_enc.shape) == (sae.d_sae, sae.d_in):  # TopK family keeps the nn.Linear layout [d_sae, d_in]
+        w_enc = w_enc.T
+    out = {"W_enc": (w_enc * s).contiguous(), "b_enc": p["b_enc"], "W_dec": w_dec, "b_dec": b_dec}
+    if name == "JumpReLUSAE":
+        out["threshold"] = p["threshold"]
+    elif name in ("BatchTopKSAE", "MatryoshkaSAE"):
+        theta = float(p["threshold"])
+        if not theta > 0:
+            raise ValueError(f"{name}'s inference threshold was never estimated (it is {theta}); it cannot be "
+                             "written as a JumpReLU: train longer than training.threshold_start_step")
+        out["threshold"] = torch.full((sae.d_sae,), theta)
+    return _ARCH[name], out
+
+
+def export_saelens(sae_dir: str | Path, out: str | Path, density: list[float] | None = None) -> Path:
+    """Write `out/` (created) from the SAE folder `sae_dir`. `density` [d_sae] (firing share on the
+    held-out split) becomes SAELens' log10 `sparsity` file; by default it is read from the run's
+    eval.json next to `sae_dir` when there is one."""
+    sae, meta = load_sae(sae_dir)
+    arch, tensors = saelens_tensors(sae)
+    layers = list(sae.cfg.layers) or list(meta.get("layers", []))
+    cfg = {
+        "architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {
+            "model_name": _model_name(meta),
+            # our "layer L" is the output of block L: TransformerLens' resid_post of block L
+            "hook_name": f"blocks.{layers[0]}.hook_resid_post" if layers else None,
+            "exported_from": str(sae_dir), "source_type": type(sae).type_name, "input_scale_folded": True,
+        },
+    }
+    if arch == "topk":
+        cfg.update({"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
+    (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    if density is None:
+        density = _density_from_eval(Path(sae_dir).parent / "eval.json")
+    if density is not None:
+        logd = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in density], dtype=torch.float32)
+        save_file({"sparsity": logd}, str(out / SPARSITY_FILE))
+    return out
+
+
+def _model_name(meta: dict) -> str | None:
+    lm = meta.get("language_model")
+    if isinstance(lm, dict):
+        return lm.get("requested") or lm.get("resolved")
+    return lm if isinstance(lm, str) else None
+
+
+def _density_from_eval(path: Path) -> list[float] | None:
+    if not path.is_file():
+        return None
+    try:
+        density = json.loads(path.read_text()).get("feature_density")
+    except json.JSONDecodeError:
+        return None
+    return density if isinstance(density, list) else None

@@ -1,0 +1,112 @@
+"""PNG plots (matplotlib, Agg backend: no display needed): training curves, feature density,
+RouteSAE layer usage, and the FVU-L0 frontier across runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+PLOTS_DIR = "plots"
+CURVES = (("loss", "loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl -> records; a torn last line (a run killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def training_curves(records: list[dict], out: Path) -> Path | None:
+    """Loss, FVU, L0 and dead fraction against training tokens (2x2 panels)."""
+    if not records:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+        pts = [(r["tokens"], r[key]) for r in records if isinstance(r.get(key), int | float) and "tokens" in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), lw=1.2)
+        ax.set_title(label)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+        if key in ("loss", "fvu") and pts and min(p[1] for p in pts) > 0:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def density_plot(hist: dict, out: Path, title: str = "feature density (held-out)") -> Path:
+    """Histogram of log10 firing frequency of the latents that fire; the dead count in the title."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    edges, counts = hist.get("edges", []), hist.get("counts", [])
+    if counts:
+        ax.stairs(counts, edges, fill=True, alpha=0.7)
+    ax.set_xlabel("log10(share of tokens on which the latent fires)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}; dead: {hist.get('dead', 0)}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def layer_usage_plot(route: dict, out: Path) -> Path:
+    """RouteSAE: share of routed tokens per block, with each block's FVU on its own tokens."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = route["per_layer"]
+    ax.bar([str(r["layer"]) for r in rows], [r["share"] for r in rows])
+    ax.set_xlabel("block")
+    ax.set_ylabel("share of routed tokens")
+    ax.set_title("RouteSAE layer usage (held-out)")
+    for i, r in enumerate(rows):
+        if "fvu" in r:
+            ax.annotate(f"FVU {r['fvu']:.2f}", (i, r["share"]), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def frontier_plot(rows: list[dict], out: Path) -> Path:
+    """FVU against L0, one series per architecture (rows: {type, l0, fvu, run})."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for sae_type in sorted({r["type"] for r in rows}):
+        pts = sorted((r["l0"], r["fvu"]) for r in rows if r["type"] == sae_type)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=sae_type)
+    ax.set_xlabel("L0 (held-out)")
+    ax.set_ylabel("FVU (held-out)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("FVU against L0 by architecture")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def write_run_plots(run_dir: Path, result: dict) -> list[Path]:
+    """All of one run's plots into `run_dir/plots/`; returns the files written."""
+    folder = Path(run_dir) / PLOTS_DIR
+    folder.mkdir(exist_ok=True)
+    written = [training_curves(read_metrics(Path(run_dir) / "metrics.jsonl"), folder / "training_curves.png"),
+               density_plot(result["density_histogram"], folder / "feature_density.png")]
+    if "route" in result:
+        written.append(layer_usage_plot(result["route"], folder / "layer_usage.png"))
+    return [p for p in written if p is not None]
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

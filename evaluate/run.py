@@ -1,0 +1,189 @@
+"""Evaluate one training run folder: held-out metrics, downstream fidelity, eval.json, plots,
+dashboard, and the short table printed at the end.
+
+Reads `runs/<run>/sae/` (sae.safetensors + sae.json), `config.yaml` and `metrics.jsonl` as the
+trainer writes them; writes `eval.json`, `plots/*.png` and `dashboard.html` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import cache
+from evaluate.heldout import heldout_metrics
+from sae import load_sae
+from settings import Config, load_config
+
+SAE_DIR = "sae"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+PLOTS_DIR = "plots"
+DASHBOARD_FILE = "dashboard.html"
+
+
+def find_run(run: str | None, output_dir: str = "runs") -> Path:
+    """`run` if given (it must hold sae/sae.json), else the most recently trained run under `output_dir`."""
+    if run:
+        path = Path(run)
+        if not (path / SAE_DIR / "sae.json").is_file():
+            raise FileNotFoundError(f"{path} is not a finished training run (no {SAE_DIR}/sae.json); "
+                                    f"pass RUN=runs/<run> of a run that `make train` completed")
+        return path
+    runs = sorted(Path(output_dir).glob(f"*/{SAE_DIR}/sae.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no finished run under {output_dir}/; run `make train` first, or pass RUN=runs/<run>")
+    return runs[-1].parent.parent
+
+
+def run_config(run_dir: Path, overrides: list[str] | None = None, extra: list[str] | None = None) -> Config:
+    """The run's resolved config (if saved), then extra config files, then dotted overrides."""
+    paths = [run_dir / CONFIG_FILE] if (run_dir / CONFIG_FILE).is_file() else []
+    return load_config(paths + list(extra or []), overrides)
+
+
+def open_run_cache(meta: dict, cfg: Config) -> object:
+    """The cache the SAE was trained on; refuses one whose identity differs from the recorded one."""
+    path = meta.get("cache") or cfg.training.cache
+    c = cache.open(path)
+    recorded = meta.get("cache_identity")
+    if recorded is not None and recorded != c.identity:
+        differing = sorted(k for k in set(recorded) | set(c.identity) if recorded.get(k) != c.identity.get(k))
+        raise ValueError(f"the cache at {path} is not the one this SAE was trained on (identity differs in "
+                         f"{differing}); point training.cache at the original cache")
+    return c
+
+
+def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, plots: bool = True,
+                 dashboard: bool = True, device: str = "cpu") -> dict:
+    """Evaluate `run_dir` and write eval.json (and plots, dashboard). Returns the eval.json content."""
+    run_dir = Path(run_dir)
+    sae, meta = load_sae(run_dir / SAE_DIR, device=device)
+    if not sae.cfg.layers and meta.get("layers"):
+        sae.cfg.layers = list(meta["layers"])
+    c = open_run_cache(meta, cfg)
+    ev = cfg.evaluate
+    t0 = time.time()
+    result = {
+        "run": run_dir.name,
+        "sae": {"type": sae.cfg.type, "layers": list(sae.cfg.layers), "d_in": sae.cfg.hidden_size,
+                "d_sae": sae.cfg.latent_size, "k": sae.cfg.k, "group_sizes": sae.cfg.group_sizes},
+        "cache": str(c.path),
+        "split": "heldout",
+        **heldout_metrics(sae, c, batch_size=ev.batch_size, max_tokens=ev.max_tokens,
+                          l1_coefficient=cfg.training.l1_coefficient, dense_threshold=ev.dense_threshold,
+                          device=device),
+    }
+    lm = tok = None
+    if downstream and ev.downstream_sequences > 0:
+        lm, tok, reason = _load_lm(c, cfg, device)
+        result["downstream"] = {"skipped": reason} if lm is None else _downstream(lm, tok, sae, c, cfg)
+    result["seconds"] = round(time.time() - t0, 2)
+    write_json(run_dir / EVAL_FILE, result)
+    if plots:
+        from evaluate.plots import write_run_plots
+
+        result["plots"] = [str(p) for p in write_run_plots(run_dir, result)]
+    if dashboard:
+        from evaluate.dashboard import write_dashboard
+
+        unembed = lm.model.get_output_embeddings().weight if lm is not None and lm.causal else None
+        result["dashboard"] = str(write_dashboard(run_dir / DASHBOARD_FILE, sae, c, result, cfg, tok, unembed))
+    write_json(run_dir / EVAL_FILE, result)
+    return result
+
+
+def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str | None]:
+    """The language model the cache came from and its tokenizer; a model that cannot be loaded here
+    (no network for a hub id) gives (None, None, reason): downstream metrics are then reported as
+    skipped, not as a crash of the whole evaluation."""
+    from harvest.model import load_model
+    from harvest.tokenization import load_tokenizer
+
+    model_meta, harvest_cfg = c.metadata.get("model"), c.metadata.get("config")
+    path = (model_meta.get("resolved") if isinstance(model_meta, dict) else None) or cfg.model.language_model_path
+    revision = harvest_cfg["model"].get("revision") if isinstance(harvest_cfg, dict) and "model" in harvest_cfg \
+        else cfg.model.revision
+    try:
+        lm = load_model(path, revision=revision, dtype="float32", device=device)
+        tok = load_tokenizer(path, revision, cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"downstream metrics skipped: {e}", stacklevel=2)
+        return None, None, str(e)
+    return lm, tok, None
+
+
+def _downstream(lm: object, tok: object, sae: object, c: object, cfg: Config) -> dict:
+    from evaluate.downstream import downstream_fidelity
+    from evaluate.sequences import Specials
+    from harvest.tokenization import special_layout
+
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id) if t is not None), 0)
+    specials = Specials.from_layout(special_layout(tok), pad=pad)
+    return downstream_fidelity(lm, sae, c, specials, n_sequences=cfg.evaluate.downstream_sequences)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic write: a crash never leaves half an eval.json."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def _json_default(value: object) -> object:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+_TABLE_ROWS = [
+    ("tokens", "held-out tokens", "{:,.0f}"), ("fvu", "FVU", "{:.4f}"),
+    ("explained_variance", "explained variance", "{:.4f}"),
+    ("explained_variance_legacy", "explained variance (SAELens legacy)", "{:.4f}"),
+    ("mse", "MSE (normalised)", "{:.4g}"), ("mse_raw", "MSE (raw)", "{:.4g}"), ("l0", "L0", "{:.2f}"),
+    ("l1", "L1", "{:.4g}"), ("dead_fraction", "dead latents", "{:.2%}"), ("dense_fraction", "dense latents (>10%)",
+                                                                          "{:.2%}"),
+    ("cosine_similarity", "cosine similarity", "{:.4f}"), ("l2_ratio", "l2 ratio", "{:.4f}"),
+    ("relative_reconstruction_bias", "relative reconstruction bias", "{:.4f}"),
+]
+_DOWNSTREAM_ROWS = [
+    ("ce_clean", "CE clean", "{:.4f}"), ("ce_sae", "CE spliced", "{:.4f}"), ("ce_zero", "CE zero-ablated", "{:.4f}"),
+    ("ce_loss_score", "CE loss score", "{:.4f}"), ("kl_per_token", "KL(clean||spliced) per token", "{:.4f}"),
+    ("embedding_cos_sae", "pooled embedding cos, spliced", "{:.4f}"),
+    ("embedding_cos_zero", "pooled embedding cos, zero-ablated", "{:.4f}"),
+]
+
+
+def format_table(result: dict) -> str:
+    """The short markdown table printed after an evaluation."""
+    sae = result["sae"]
+    lines = [f"## {result['run']}: {sae['type']} on block(s) {sae['layers']}, d_sae {sae['d_sae']}", "",
+             "| metric | value |", "| --- | --- |"]
+    lines += _rows(result["metrics"], _TABLE_ROWS)
+    down = result.get("downstream", {})
+    if "skipped" in down:
+        lines.append(f"| downstream | skipped: {down['skipped']} |")
+    else:
+        lines += _rows(down, _DOWNSTREAM_ROWS)
+    for g in result.get("matryoshka", []):
+        lines.append(f"| prefix {g['prefix']}: FVU / L0 | {g['fvu']:.4f} / {g['l0']:.2f} |")
+    for row in result.get("route", {}).get("per_layer", []):
+        lines.append(f"| block {row['layer']}: share / FVU | {row['share']:.2%} / {row.get('fvu', math.nan):.4f} |")
+    return "\n".join(lines)
+
+
+def _rows(values: dict, spec: list[tuple[str, str, str]]) -> list[str]:
+    out = []
+    for key, label, fmt in spec:
+        if key in values:
+            v = values[key]
+            out.append(f"| {label} | {'undefined' if v is None else fmt.format(v)} |")
+    return out
