@@ -1,0 +1,28 @@
+"""The activation cache: sharded, per-layer, memory-mappable; see cache/FORMAT.md.
+
+    import cache
+    c = cache.open("cache/minilm")           # refuses incomplete caches
+    x = c.read("train", 0, 3)                # [n, d_model] view of layer 3, shard 0
+"""
+
+from .names import FORMAT_VERSION
+from .reader import Cache, ShardInfo, open_cache
+from .stats import LayerStats
+from .verify import NotACacheError, VerifyReport, verify, verify_report
+from .writer import CacheWriter
+
+open = open_cache  # noqa: A001 - `cache.open(path)` is the documented entry point
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Cache",
+    "CacheWriter",
+    "LayerStats",
+    "NotACacheError",
+    "ShardInfo",
+    "VerifyReport",
+    "open",
+    "open_cache",
+    "verify",
+    "verify_report",
+]

@@ -1,0 +1,197 @@
+"""open_cache / Cache: validated manifest, memory-mapped shard reads, statistics."""
+
+from __future__ import annotations
+
+import math
+import operator
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import manifest as manifest_mod
+from . import shardio
+from .checksum import shard_size
+from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
+from .stats import LayerStats, from_manifest
+
+
+def _index(value: object) -> int | None:
+    """value as an int if it is an integer (Python or numpy), else None; bools are not indices."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+# Open shard maps kept at once: each mapping holds a file descriptor, and a cache can have
+# thousands of shards. A shard evicted here stays mapped while a tensor still views it.
+MAX_OPEN_SHARDS = 64
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    rows: int
+    bytes: int
+    xxh3: str
+    index: int
+    split: str
+    end: tuple[int, int]
+
+
+class Cache:
+    """A validated, read-only cache folder. Use open_cache() to get one."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.identity: dict = manifest["identity"]
+        self.metadata: dict = manifest["metadata"]
+        self.layers: list[int] = list(manifest["layers"])
+        self.d_model: int = manifest["d_model"]
+        self.dtype: torch.dtype = STORED_DTYPES[manifest["dtype"]]
+        self.backend: str = manifest["backend"]
+        self.splits: list[str] = list(SPLITS)
+        self.complete: bool = manifest["complete"]
+        self.shard_rows: int = manifest["shard_rows"]
+        self._shards = {s: [ShardInfo(e["name"], e["rows"], e["bytes"], e["xxh3"], i, s, tuple(e["end"]))
+                            for i, e in enumerate(manifest["shards"][s])] for s in SPLITS}
+        self._open: OrderedDict[tuple[str, int], shardio.ShardReader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{s}={self.num_rows(s)}" for s in SPLITS)
+        return f"Cache({str(self.path)!r}, layers={self.layers}, d_model={self.d_model}, {rows})"
+
+    # ---- structure ----------------------------------------------------------------------------
+    def _split(self, split: str) -> str:
+        if split not in self._shards:
+            raise ValueError(f"split must be one of {self.splits}, got {split!r}")
+        return split
+
+    def num_rows(self, split: str) -> int:
+        return self.manifest["rows"][self._split(split)]
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        return list(self._shards[self._split(split)])
+
+    def size_on_disk(self) -> int:
+        """Bytes of the manifest plus every listed shard."""
+        shard_bytes = sum(info.bytes for s in SPLITS for info in self._shards[s])
+        return (self.path / MANIFEST).stat().st_size + shard_bytes
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _shard(self, split: str, shard: int) -> tuple[ShardInfo, shardio.ShardReader]:
+        infos = self._shards[self._split(split)]
+        index = _index(shard)
+        if index is None or not 0 <= index < len(infos):
+            raise ValueError(f"shard must be an int in [0, {len(infos)}) for split {split!r}, got {shard!r}")
+        shard = index
+        info = infos[shard]
+        with self._lock:
+            reader = self._open.pop((split, shard), None)
+            if reader is None:
+                reader = shardio.open_shard(self.path / info.name, self.backend)
+                self._check_shard(info, reader)
+            self._open[(split, shard)] = reader
+            while len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
+        return info, reader
+
+    def _check_shard(self, info: ShardInfo, reader: shardio.ShardReader) -> None:
+        expected = {layer_key(L): (self.dtype, (info.rows, self.d_model)) for L in self.layers}
+        expected.update({n: (dt, (info.rows,)) for n, dt in TOKEN_FIELDS.items()})
+        for name, spec in expected.items():
+            got = reader.spec(name)
+            if got != spec:
+                raise ValueError(f"shard {info.name} of {self.path}: tensor '{name}' is {got}, expected {spec} "
+                                 f"from the manifest; the cache is damaged: run python -m cache verify")
+
+    def _rows(self, info: ShardInfo, start: int, stop: int | None) -> tuple[int, int]:
+        a, b = _index(start), _index(info.rows if stop is None else stop)
+        if a is None or b is None or not 0 <= a <= b <= info.rows:
+            raise ValueError(f"rows [{start}, {stop}) out of range for shard {info.name} with {info.rows} rows")
+        return a, b
+
+    def _layer(self, layer: object) -> int:
+        value = _index(layer)
+        if value is None or value not in self.layers:
+            raise ValueError(f"layer {layer!r} is not in this cache; its layers are {self.layers}")
+        return value
+
+    def read(self, split: str, shard: int, layers: int | list[int], start: int = 0,
+             stop: int | None = None) -> torch.Tensor:
+        """Activations of rows [start, stop) of one shard.
+
+        One layer -> [n, d_model] (safetensors: a zero-copy view of the memory map; READ-ONLY, writing
+        to it crashes the process). A list of layers -> [n, len(layers), d_model], a copy, in list order.
+        """
+        single = not isinstance(layers, list | tuple)
+        wanted = [self._layer(layers)] if single else [self._layer(x) for x in layers]
+        if not wanted:
+            raise ValueError("layers must name at least one layer")
+        info, reader = self._shard(split, shard)
+        start, stop = self._rows(info, start, stop)
+        if single:
+            return reader.get(layer_key(wanted[0]), start, stop)
+        return torch.stack([reader.get(layer_key(L), start, stop) for L in wanted], dim=1)
+
+    def read_tokens(self, split: str, shard: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """token_ids int32 [n], sequence int64 [n], position int32 [n], document int64 [n] (read-only)."""
+        info, reader = self._shard(split, shard)
+        start, stop = self._rows(info, start, stop)
+        return {name: reader.get(name, start, stop) for name in TOKEN_FIELDS}
+
+    # ---- statistics ---------------------------------------------------------------------------
+    def stats(self, split: str, layer: int) -> LayerStats:
+        """count, mean (np.float64 [d_model]), mean_sq_norm, mean_norm of the stored values."""
+        entry = self.manifest["stats"][self._split(split)][str(self._layer(layer))]
+        try:
+            return from_manifest(entry)
+        except ValueError as exc:
+            raise ValueError(f"split {split!r} of {self.path}: {exc}") from None
+
+    def norm_scale(self, layer: int) -> float:
+        """sqrt(d_model) / mean norm on the train split: scales activations to mean norm sqrt(d)."""
+        mean_norm = self.stats("train", layer).mean_norm
+        if mean_norm <= 0:
+            raise ValueError(f"layer {layer} has mean norm {mean_norm} on train; cannot normalise")
+        return math.sqrt(self.d_model) / mean_norm
+
+    def close(self) -> None:
+        """Drop the open shard maps (tensors already returned keep their own map alive)."""
+        with self._lock:
+            self._open.clear()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
+    """Open and validate a cache folder (manifest schema, shard presence and sizes; no hashing)."""
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder} is not a cache: no {MANIFEST}; run make harvest to create it")
+    m = manifest_mod.load(folder)
+    n_shards = sum(len(m["shards"][s]) for s in SPLITS)
+    if not m["complete"] and not allow_incomplete:
+        raise ValueError(f"cache at {folder} is incomplete: {n_shards} shards; rerun make harvest to finish it")
+    for split in SPLITS:
+        for e in m["shards"][split]:
+            p = folder / e["name"]
+            size = shard_size(p) if p.exists() else None
+            if size != e["bytes"]:
+                state = "is missing" if size is None else f"has {size} bytes, the manifest says {e['bytes']}"
+                raise ValueError(f"cache at {folder}: shard {e['name']} {state}; run python -m cache verify "
+                                 f"{folder}, then rerun make harvest (OVERWRITE=1 to rebuild)")
+    return Cache(folder, m)
+
+

@@ -1,0 +1,90 @@
+"""Statistics are float64 over the stored (rounded) values and exact across a resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cache
+from tests.cache.cache_producer import LAYERS, all_rows, new_writer, produce, write_cache
+
+
+def _reference(rows: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    x = rows.float().numpy().astype(np.float64)
+    norms = np.sqrt((x ** 2).sum(axis=1))
+    return x.mean(axis=0), float((norms ** 2).mean()), float(norms.mean())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stats_match_numpy_over_rows_read_back(tmp_path, backend, dtype):
+    write_cache(tmp_path / "c", backend, n_train=6, n_heldout=3, dtype=dtype)
+    c = cache.open(tmp_path / "c")
+    for split in ("train", "heldout"):
+        for layer in LAYERS:
+            rows = torch.cat([c.read(split, i, layer) for i in range(len(c.shards(split)))])
+            mean, msq, mnorm = _reference(rows)
+            s = c.stats(split, layer)
+            tol = 1e-6 * mnorm
+            assert s.count == rows.shape[0]
+            assert s.mean.dtype == np.float64 and s.mean.shape == (rows.shape[1],)
+            assert np.abs(s.mean - mean).max() <= tol
+            assert abs(s.mean_norm - mnorm) <= tol
+            assert abs(s.mean_sq_norm - msq) <= 1e-6 * msq
+
+
+def test_bf16_stats_are_of_the_stored_values_not_the_input(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=6, dtype="bfloat16")
+    s = cache.open(tmp_path / "c").stats("train", 5)
+    acts, _ = all_rows("train", 6)
+    _, _, stored_norm = _reference(acts[5].to(torch.bfloat16))
+    _, _, input_norm = _reference(acts[5])
+    assert abs(s.mean_norm - stored_norm) <= 1e-9 * stored_norm
+    # The rounding moves the mean norm far more than float64 error: the test can tell them apart.
+    assert abs(input_norm - stored_norm) > 1e-6 * stored_norm
+
+
+def test_norm_scale_is_sqrt_d_over_train_mean_norm(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=4)
+    c = cache.open(tmp_path / "c")
+    for layer in LAYERS:
+        rows = torch.cat([c.read("train", i, layer) for i in range(len(c.shards("train")))])
+        mean_norm = float(np.linalg.norm(rows.double().numpy(), axis=1).mean())
+        assert math.isclose(c.norm_scale(layer), math.sqrt(c.d_model) / mean_norm, rel_tol=1e-9)
+
+
+def test_stats_after_resume_are_bitwise_equal_to_an_uninterrupted_write(tmp_path, backend):
+    write_cache(tmp_path / "ref", backend, n_train=7, n_heldout=3)
+    w = new_writer(tmp_path / "c", backend)
+    produce(w, "train", 3)
+    w.close()  # buffered rows are dropped, as after a crash
+    w = new_writer(tmp_path / "c", backend)
+    produce(w, "train", 7, start=w.resume_point("train"))
+    produce(w, "heldout", 3, start=w.resume_point("heldout"))
+    w.finish()
+    ref = cache.open(tmp_path / "ref").manifest
+    got = cache.open(tmp_path / "c").manifest
+    assert got["stats"] == ref["stats"]
+    assert got["shards"] == ref["shards"]
+
+
+def test_empty_split_has_no_statistics(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=2, n_heldout=0)
+    c = cache.open(tmp_path / "c")
+    assert c.num_rows("heldout") == 0
+    with pytest.raises(ValueError, match="split 'heldout'.*no rows"):
+        c.stats("heldout", 0)
+
+
+def test_non_finite_values_are_refused_with_a_clear_error(tmp_path, backend):
+    w = new_writer(tmp_path / "c", backend, dtype="float16", shard_rows=4)
+    x = torch.ones(4, 12)
+    x[1, 3] = 1e6  # overflows float16
+    acts = {L: x for L in LAYERS}
+    tok = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="non-finite.*float16 max 65504"):
+        w.append("train", chunk=0, offset=0, acts=acts, token_ids=tok, sequence=tok, position=tok, document=tok)
+    w.close()
+    assert cache.open(tmp_path / "c", allow_incomplete=True).num_rows("train") == 0

@@ -1,0 +1,240 @@
+"""Writer rules: identity, overwrite, foreign folders, leftovers, extension, argument checks, async."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+import cache
+from cache import checksum
+from tests.cache.cache_producer import (
+    IDENTITY,
+    LAYERS,
+    SHARD_ROWS,
+    all_rows,
+    expected_ends,
+    make_chunk,
+    new_writer,
+    produce,
+    write_cache,
+)
+
+
+def _snapshot(folder) -> dict[str, str]:
+    return {p.name: checksum.hash_shard(p)[1] for p in sorted(folder.iterdir())}
+
+
+def test_different_identity_is_refused_and_nothing_changes(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=3)
+    before = _snapshot(tmp_path / "c")
+    other = dict(IDENTITY, revision="1", seq_len=32)
+    with pytest.raises(ValueError, match=r"identity.revision \('0' in the cache, '1' requested\); "
+                                         r"identity.seq_len .*use --overwrite \(OVERWRITE=1\) to replace it"):
+        new_writer(tmp_path / "c", backend, identity=other)
+    with pytest.raises(ValueError, match=r"dtype \('float32' in the cache, 'bfloat16' requested\)"):
+        new_writer(tmp_path / "c", backend, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"layers \("):
+        new_writer(tmp_path / "c", backend, layers=[0, 2])
+    assert _snapshot(tmp_path / "c") == before
+    assert cache.open(tmp_path / "c").complete
+
+
+def test_overwrite_replaces_only_cache_files(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=4)
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    w = new_writer(tmp_path / "c", backend, identity=dict(IDENTITY, revision="1"), overwrite=True)
+    produce(w, "train", 1)
+    w.finish()
+    c = cache.open(tmp_path / "c")
+    assert c.identity["revision"] == "1"
+    assert c.num_rows("train") == all_rows("train", 1)[0][0].shape[0]
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("train")) == \
+        [s.name for s in c.shards("train")]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_non_cache_folder_is_never_touched(tmp_path, overwrite):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="is not empty and holds no cache.*refusing to touch it"):
+        new_writer(folder, "safetensors", overwrite=overwrite)
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        new_writer(tmp_path / "file", "safetensors", overwrite=overwrite)
+
+
+def test_empty_existing_folder_becomes_a_cache(tmp_path):
+    (tmp_path / "c").mkdir()
+    write_cache(tmp_path / "c", "safetensors", n_train=1)
+    assert cache.open(tmp_path / "c").num_rows("train") > 0
+
+
+def test_resume_removes_temporaries_and_orphan_shards(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=3, finish=False)
+    folder = tmp_path / "c"
+    m = json.loads((folder / "manifest.json").read_text())
+    n = len(m["shards"]["train"])
+    last = folder / m["shards"]["train"][-1]["name"]
+    # A shard renamed just before a crash (not yet in the manifest) and a half-written temp.
+    orphan = folder / m["shards"]["train"][-1]["name"].replace(f"{n - 1:06d}", f"{n:06d}")
+    if backend == "zarr":
+        import shutil
+
+        shutil.copytree(last, orphan)
+        (folder / ".tmp-train-000009.zarr").mkdir()
+    else:
+        orphan.write_bytes(last.read_bytes())
+        (folder / ".tmp-train-000009.safetensors").write_bytes(b"partial")
+    w = new_writer(folder, backend)
+    assert not orphan.exists()
+    assert not any(p.name.startswith(".tmp-") for p in folder.iterdir())
+    assert w.resume_point("train") == tuple(m["shards"]["train"][-1]["end"])
+    w.close()
+
+
+def test_extension_of_a_complete_cache_appends_after_it(tmp_path, backend):
+    write_cache(tmp_path / "c", backend, n_train=3, n_heldout=1)
+    before = cache.open(tmp_path / "c").manifest["shards"]["train"]
+    w = new_writer(tmp_path / "c", backend)
+    with pytest.raises(ValueError, match="incomplete"):
+        cache.open(tmp_path / "c")
+    produce(w, "train", 6, start=w.resume_point("train"))
+    w.finish({"budget": 6})
+    c = cache.open(tmp_path / "c")
+    assert c.manifest["shards"]["train"][:len(before)] == before
+    assert c.num_rows("train") == all_rows("train", 6)[0][0].shape[0]
+    assert c.metadata == {"model": "tiny-test", "budget": 6}
+    # The short last shard of the first run stays short; the extension follows it.
+    assert [s.end for s in c.shards("train")][:len(before)] == expected_ends("train", 3, SHARD_ROWS)
+
+
+def test_resume_point_and_row_counts(tmp_path, backend):
+    w = new_writer(tmp_path / "c", backend)
+    assert w.resume_point("train") == (0, 0) and w.rows_written("train") == 0
+    produce(w, "train", 5)
+    ends = expected_ends("train", 5, SHARD_ROWS)
+    total = all_rows("train", 5)[0][0].shape[0]
+    assert w.rows_appended("train") == total
+    assert w.rows_written("train") == SHARD_ROWS * (total // SHARD_ROWS)
+    assert w.resume_point("train") == ends[total // SHARD_ROWS - 1]
+    w.flush()
+    assert w.rows_written("train") == total and w.resume_point("train") == ends[-1]
+    w.close()
+
+
+def _args(n: int = 4, d: int = 12, layers=LAYERS) -> dict:
+    tok = torch.zeros(n, dtype=torch.int64)
+    return dict(acts={L: torch.zeros(n, d) for L in layers}, token_ids=tok, sequence=tok, position=tok,
+                document=tok)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(acts={0: torch.zeros(4, 12)}), r"acts must map exactly the cache's layers \[0, 2, 5\]"),
+    (_args(d=7), r"acts\[0\] must be a float tensor \[n, 12\]"),
+    (dict(token_ids=torch.zeros(4)), r"token_ids must be an integer tensor \[4\]"),
+    (dict(position=torch.zeros(3, dtype=torch.int64)), r"position must be an integer tensor \[4\]"),
+    (dict(token_ids=torch.full((4,), 2**40)), r"token_ids values must lie in \[0, 2147483647\]"),
+    (dict(document=[0, 0, 0, 0]), "needs torch tensors"),
+])
+def test_append_rejects_bad_input(tmp_path, change, message):
+    w = new_writer(tmp_path / "c", "safetensors")
+    with pytest.raises(ValueError, match=message):
+        w.append("train", chunk=0, offset=0, **{**_args(), **change})
+    with pytest.raises(ValueError, match="split must be one of"):
+        w.append("valid", chunk=0, offset=0, **_args())
+    w.close()
+
+
+def test_append_refuses_to_go_back(tmp_path):
+    w = new_writer(tmp_path / "c", "safetensors")
+    w.append("train", chunk=2, offset=5, **_args())
+    with pytest.raises(ValueError, match=r"starts before the end of the rows already appended.*\(2, 9\)"):
+        w.append("train", chunk=2, offset=8, **_args())
+    with pytest.raises(ValueError, match="chunk must be an int >= 0"):
+        w.append("train", chunk=-1, offset=0, **_args())
+    w.append("heldout", chunk=0, offset=0, **_args())  # cursors are per split
+    w.close()
+
+
+def test_constructor_rejects_bad_arguments(tmp_path):
+    base = dict(layers=[1], d_model=4, dtype="float32", shard_rows=8, identity={}, metadata={})
+    for change, message in [(dict(dtype="fp8"), "dtype must be one of"), (dict(layers=[]), "layers must"),
+                            (dict(backend="hdf5"), "backend must be one of"),
+                            (dict(shard_rows=0), "shard_rows must"),
+                            (dict(identity={"x": object()}), "identity must be JSON-serialisable"),
+                            (dict(zarr_compression="lz4", backend="zarr"), "zarr_compression must be")]:
+        with pytest.raises(ValueError, match=message):
+            cache.CacheWriter(tmp_path / "c", **{**base, **change})
+
+
+def test_writer_accepts_other_float_dtypes_and_copies_its_input(tmp_path, backend):
+    w = new_writer(tmp_path / "c", backend, dtype="bfloat16", shard_rows=100)
+    data = make_chunk("train", 0)
+    n = data["token_ids"].shape[0]
+    acts = {L: t.double() for L, t in data["acts"].items()}
+    w.append("train", chunk=0, offset=0, acts=acts, token_ids=data["token_ids"], sequence=data["sequence"],
+             position=data["position"], document=data["document"])
+    acts[0].zero_()  # a producer reusing its buffer must not change what was appended
+    w.finish()
+    got = cache.open(tmp_path / "c").read("train", 0, 0)
+    assert got.shape == (n, 12) and torch.equal(got, data["acts"][0].double().to(torch.bfloat16))
+
+
+def test_async_writer_matches_sync_writer(tmp_path, backend):
+    write_cache(tmp_path / "sync", backend, n_train=6, n_heldout=2)
+    write_cache(tmp_path / "async", backend, n_train=6, n_heldout=2, async_write=True)
+    a = cache.open(tmp_path / "sync").manifest
+    b = cache.open(tmp_path / "async").manifest
+    assert a["shards"] == b["shards"] and a["stats"] == b["stats"]
+
+
+def test_async_writer_writes_in_a_background_thread_with_bounded_queue(tmp_path, monkeypatch):
+    from cache import shardio
+
+    gate = threading.Event()
+    threads = []
+    real = shardio.write_shard
+
+    def slow(*a, **kw):
+        threads.append(threading.current_thread().name)
+        gate.wait(10)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(shardio, "write_shard", slow)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True)
+    w.append("train", chunk=0, offset=0, **_args(12))  # 3 shards: 1 writing + 2 queued, no wait yet
+    assert w.rows_written("train") == 0
+    blocked = threading.Thread(target=lambda: w.append("train", chunk=1, offset=0, **_args(4)))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive(), "the queue should be bounded (depth 2): the 4th shard must wait"
+    gate.set()
+    blocked.join(10)
+    w.finish()
+    assert set(threads) == {"cache-writer"}
+    assert cache.open(tmp_path / "c").num_rows("train") == 16
+
+
+def test_async_writer_error_surfaces_on_next_call_and_stops_later_shards(tmp_path, backend):
+    w = new_writer(tmp_path / "c", backend, dtype="float16", shard_rows=4, async_write=True)
+    good = _args(4)
+    bad = _args(4)
+    bad["acts"] = {L: torch.full((4, 12), 1e6) for L in LAYERS}  # overflows float16
+    w.append("train", chunk=0, offset=0, **good)
+    w.append("train", chunk=1, offset=0, **bad)  # queued: the thread finds the problem later
+    with pytest.raises(ValueError, match="shard train-000001.*non-finite"):
+        for i in range(2, 50):  # the error surfaces on one of the next calls
+            w.append("train", chunk=i, offset=0, **good)
+        w.flush()
+    with pytest.raises(ValueError, match="non-finite"):
+        w.finish()
+    w.close()
+    c = cache.open(tmp_path / "c", allow_incomplete=True)
+    assert [s.name.split(".")[0] for s in c.shards("train")] == ["train-000000"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", c.shards("train")[0].name]
