@@ -1,0 +1,72 @@
+"""Command line of stage 1: `python -m harvest [--config FILE ...] [--overwrite] [section.key=value ...]`.
+
+Exit codes: 0 done (also when the cache was already complete), 1 failure while running (disk full,
+I/O error), 2 bad input (config, model path, layers, text source, a different cache in the way),
+130 interrupted. Errors are one line on stderr; a rerun resumes whatever was committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harvest",
+        description="Run a language model over text and cache its residual-stream activations. A rerun with "
+                    "the same settings resumes; a larger harvest.max_tokens extends a complete cache.")
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help=f"YAML config (repeatable, later wins); default {DEFAULT_CONFIG} if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace a different cache at harvest.output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. harvest.layers=2:4 harvest.max_tokens=100000")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from harvest.errors import TextError
+    from harvest.model import HarvestError
+    from harvest.run import harvest
+    from settings import ConfigError, load_config
+
+    if args.quiet:
+        _silence_transformers()
+    paths = args.config if args.config is not None else ([DEFAULT_CONFIG] if DEFAULT_CONFIG.is_file() else [])
+    try:
+        cfg = load_config(paths, args.overrides)
+        if args.overwrite:
+            cfg.harvest.overwrite = True
+        summary = harvest(cfg, progress=not args.quiet)
+    except (ConfigError, HarvestError, TextError) as e:
+        return _fail(str(e), 2)
+    except ValueError as e:  # the cache writer's refusals (a different cache, a foreign folder)
+        return _fail(str(e), 2)
+    except OSError as e:  # disk full and other I/O errors, already described by the cache writer
+        return _fail(str(e) or type(e).__name__, 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume", 130)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def _silence_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # "Loading weights" bars
+    logging.set_verbosity_error()
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"harvest: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
