@@ -32,6 +32,9 @@ _ARCH = {"VanillaSAE": "standard", "GatedSAE": "gated", "TopKSAE": "topk", "Jump
          "BatchTopKSAE": "jumprelu", "MatryoshkaSAE": "jumprelu"}
 
 
+_TOPK_FAMILY = frozenset({"TopKSAE", "BatchTopKSAE", "MatryoshkaSAE"})
+
+
 def saelens_tensors(sae: torch.nn.Module) -> tuple[str, dict[str, Tensor]]:
     """-> (SAELens architecture, its state dict in float32) for our `sae`."""
     name = type(sae).type_name
@@ -45,7 +48,9 @@ def saelens_tensors(sae: torch.nn.Module) -> tuple[str, dict[str, Tensor]]:
         return "gated", {"W_enc": p["W_gate"] * s, "b_gate": p["b_gate"], "r_mag": p["r_mag"], "b_mag": p["b_mag"],
                          "W_dec": w_dec, "b_dec": b_dec}
     w_enc = p["W_enc"]
-    if tuple(w_enc.shape) == (sae.d_sae, sae.d_in):  # TopK family keeps the nn.Linear layout [d_sae, d_in]
+    # Decided by type, not shape (the two agree when d_sae == d_in): the TopK family keeps the
+    # nn.Linear layout [d_sae, d_in]; Vanilla and JumpReLU keep SAELens's [d_in, d_sae].
+    if name in _TOPK_FAMILY:
         w_enc = w_enc.T
     out = {"W_enc": (w_enc * s).contiguous(), "b_enc": p["b_enc"], "W_dec": w_dec, "b_dec": b_dec}
     if name == "JumpReLUSAE":

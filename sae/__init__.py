@@ -1,5 +1,6 @@
-"""The SAE zoo. Importing the package registers every architecture."""
+"""The SAE zoo. Importing the package registers every architecture (one module each)."""
 
+from sae import batchtopk, gated, jumprelu, matryoshka, route, topk, vanilla  # noqa: F401
 from sae.base import BaseSAE, SAEConfig, load_sae
 from sae.registry import canonical, get, names, register
 

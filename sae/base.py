@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +26,11 @@ from torch import Tensor, nn
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
 FORMAT_VERSION = 1
+
+
+_INT_KEYS = ("hidden_size", "latent_size", "k", "n_layers")
+_FLOAT_KEYS = ("threshold", "bandwidth", "aux_k_coef", "threshold_momentum")
+_STR_KEYS = ("type", "base_sae_type", "routing", "aggre", "decode_impl")
 
 
 @dataclass
@@ -46,32 +52,77 @@ class SAEConfig:
     aux_k_coef: float = 1.0 / 32.0
     threshold_momentum: float = 0.99  # BatchTopK / Matryoshka: EMA of the inference threshold
     layers: list[int] = field(default_factory=list)  # cache blocks this SAE reads (provenance)
+    # TopK family: "sparse" (embedding_bag decode, sparse backward), "dense" (GEMMs), or "auto"
+    # (sparse where bench/bench_sae_decode.py measured it faster). Speed only: the math is the same.
+    decode_impl: str = "auto"
 
     def validate(self) -> None:
+        self._check_types()
         if self.hidden_size <= 0 or self.latent_size <= 0:
             raise ValueError("hidden_size and latent_size must be positive")
         if not 0 < self.k <= self.latent_size:
             raise ValueError(f"k={self.k} must be in 1..latent_size={self.latent_size}")
-        if self.group_sizes is not None and sum(self.group_sizes) != self.latent_size:
-            raise ValueError(
-                f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, "
-                f"but latent_size is {self.latent_size}; make them add up"
-            )
+        if self.group_sizes is not None:
+            if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
+                raise ValueError(f"group_sizes {self.group_sizes} must be a non-empty list of positive sizes")
+            if sum(self.group_sizes) != self.latent_size:
+                raise ValueError(
+                    f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, "
+                    f"but latent_size is {self.latent_size}; make them add up"
+                )
         if self.routing not in ("hard", "soft"):
             raise ValueError(f"routing must be 'hard' or 'soft', got {self.routing!r}")
         if self.aggre not in ("sum", "mean"):
             raise ValueError(f"aggre must be 'sum' or 'mean', got {self.aggre!r}")
+        if self.base_sae_type not in ("topk", "matryoshka"):
+            raise ValueError(f"base_sae_type must be 'topk' or 'matryoshka', got {self.base_sae_type!r}")
+        if self.decode_impl not in ("auto", "sparse", "dense"):
+            raise ValueError(f"decode_impl must be 'auto', 'sparse' or 'dense', got {self.decode_impl!r}")
         if self.n_layers < 1:
             raise ValueError("n_layers must be >= 1")
         if self.layers and len(self.layers) != self.n_layers:
             raise ValueError(f"layers {self.layers} do not match n_layers={self.n_layers}")
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise ValueError(f"aux_k={self.aux_k} must be positive (or null for hidden_size // 2)")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum={self.threshold_momentum} must be in [0, 1)")
+
+    def _check_types(self) -> None:
+        # Configs also arrive from sae.json files on disk: wrong types must fail here, by name.
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_int_list(v: Any) -> bool:
+            return isinstance(v, list) and all(is_int(i) for i in v)
+
+        for key in _INT_KEYS:
+            if not is_int(getattr(self, key)):
+                raise TypeError(f"SAE config key {key!r} must be an integer, got {getattr(self, key)!r}")
+        for key in _FLOAT_KEYS:
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise TypeError(f"SAE config key {key!r} must be a finite number, got {v!r}")
+        for key in _STR_KEYS:
+            if not isinstance(getattr(self, key), str):
+                raise TypeError(f"SAE config key {key!r} must be a string, got {getattr(self, key)!r}")
+        if self.aux_k is not None and not is_int(self.aux_k):
+            raise TypeError(f"SAE config key 'aux_k' must be an integer or null, got {self.aux_k!r}")
+        if self.group_sizes is not None and not is_int_list(self.group_sizes):
+            raise TypeError(f"SAE config key 'group_sizes' must be a list of integers, got {self.group_sizes!r}")
+        if not is_int_list(self.layers):
+            raise TypeError(f"SAE config key 'layers' must be a list of integers, got {self.layers!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"an SAE config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown SAE config keys {unknown}; known: {sorted(known)}")
+        missing = sorted(k for k in ("type", "hidden_size", "latent_size") if k not in data)
+        if missing:
+            raise ValueError(f"SAE config lacks required keys {missing}")
         cfg = cls(**data)
         cfg.validate()
         return cfg
@@ -81,10 +132,25 @@ class BaseSAE(nn.Module, ABC):
     """Every architecture: one subclass in its own file, registered with `sae.registry.register`."""
 
     type_name: ClassVar[str] = "BaseSAE"
+    # Routed SAEs take [B, n_layers, d_in] and splice through `reconstruct_routed`.
+    routed: ClassVar[bool] = False
+    # True where `forward(x, dense_acts=False)` skips the dense [B, d_sae] `feature_acts` (the
+    # TopK family's training fast path; `fired` then reads the kept indices).
+    sparse_acts: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         cfg.validate()
+        if type(self).type_name != "BaseSAE":
+            from sae import registry
+
+            if registry.canonical(cfg.type) != type(self).type_name:
+                raise ValueError(
+                    f"config type {cfg.type!r} is {registry.canonical(cfg.type)}, "
+                    f"but it was given to {type(self).type_name}"
+                )
+            # Saved configs name the class, not the alias it was built from.
+            cfg = replace(cfg, type=type(self).type_name)
         self.cfg = cfg
         # One scalar per routed layer (one for single-layer SAEs): x_normalised = x_raw * scale.
         self.register_buffer("input_scale", torch.ones(cfg.n_layers))
@@ -118,6 +184,18 @@ class BaseSAE(nn.Module, ABC):
         """Named loss terms from `forward`'s output; always includes `mse` and `total`.
         `l1_coefficient` is the sparsity weight after warm-up; `dead_mask` [d_sae] bool marks
         latents that have not fired within the dead window (for AuxK)."""
+
+    def check_input(self, x: Tensor) -> None:
+        """Refuse activations whose trailing shape does not fit, naming what was expected."""
+        want = (self.cfg.n_layers, self.d_in) if self.routed else (self.d_in,)
+        if tuple(x.shape[-len(want):]) != want or x.dim() < len(want) + 1:
+            what = "[..., n_layers, d_in]" if self.routed else "[..., d_in]"
+            raise ValueError(
+                f"{type(self).type_name} expects activations {what} = [..., {', '.join(map(str, want))}], "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).type_name} expects floating-point activations, got {x.dtype}")
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Raw in, raw out: what replaces the activation when the SAE is spliced into a model."""
@@ -173,43 +251,59 @@ class BaseSAE(nn.Module, ABC):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         doc = {"format_version": FORMAT_VERSION, "config": asdict(self.cfg), "meta": meta or {}}
-        _atomic_write(path / CONFIG_FILE, json.dumps(doc, indent=2).encode())
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
+        text = json.dumps(doc, indent=2).encode()  # fails (non-JSON meta) before anything is written
+        # Both files are complete on disk under temporary names before either replaces an old one.
+        tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
+        save_file(tensors, str(tmp_w))
+        _fsync(tmp_w)
+        _write_synced(tmp_c, text)
+        tmp_w.replace(path / WEIGHTS_FILE)
+        tmp_c.replace(path / CONFIG_FILE)
         return path
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> tuple[BaseSAE, dict[str, Any]]:
     """Load a saved SAE folder -> (model, meta). Never unpickles; refuses unknown types, missing
-    or unexpected tensors and wrong shapes, naming the offender."""
+    or unexpected tensors, wrong shapes and non-float tensors, naming the offender."""
     from sae import registry
 
     path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: an SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: an SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         doc = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file} is not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise ValueError(f"{cfg_file}: expected an object with a 'config' object")
     if doc.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cfg_file}: format_version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
-    cfg = SAEConfig.from_dict(doc["config"])
+    try:
+        cfg = SAEConfig.from_dict(doc["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: bad SAE config: {e}") from e
     cls = registry.get(cfg.type)
     model = cls(cfg)
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        state = load_file(str(weights_file))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({e})") from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise ValueError(f"{path / WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {extra}")
+        raise ValueError(f"{weights_file}: missing tensors {missing}, unexpected tensors {extra}")
     for name, ref in expected.items():
-        if tuple(state[name].shape) != tuple(ref.shape):
+        got = state[name]
+        if tuple(got.shape) != tuple(ref.shape):
             raise ValueError(
-                f"{path / WEIGHTS_FILE}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"{weights_file}: tensor {name!r} has shape {tuple(got.shape)}, "
                 f"config {cfg.type} expects {tuple(ref.shape)}"
             )
+        if ref.is_floating_point() != got.is_floating_point():
+            raise ValueError(f"{weights_file}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
     model.load_state_dict(state)
     return model.to(device), doc.get("meta", {})
 
@@ -238,9 +332,13 @@ def kaiming_unit_rows(d_sae: int, d_in: int, generator: torch.Generator | None =
     return w / w.norm(dim=1, keepdim=True)
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as fh:
+def _fsync(target: Path) -> None:
+    with open(target, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_synced(target: Path, data: bytes) -> None:
+    with open(target, "wb") as fh:
         fh.write(data)
         fh.flush()
-    tmp.replace(target)
+        os.fsync(fh.fileno())

@@ -1,0 +1,54 @@
+"""AuxK (Gao et al. 2024, §2.4; SAE_REFERENCE.md §3): dead latents learn to explain the residual.
+
+1. D = dead latents (the trainer's dead window); k_aux = min(aux_k, |D|).
+2. z_aux = ReLU(top-k_aux of the pre-activations restricted to D), per token.
+3. e_hat = W_dec z_aux, without b_dec; e = stop_grad(target - sae_out).
+4. L_aux = sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2; NaN, or a denominator that is zero
+   up to rounding (below 1e-6 of sum ||e||^2), -> 0.
+The caller multiplies by `aux_k_coef` (1/32). Gradient reaches only dead rows of W_dec (and the
+encoder through the dead latents' pre-activations).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae.selection import select_dead_topk
+from sae.sparse_decode import decode_selected, gather_preacts
+
+
+def auxk_loss(
+    out: dict[str, Tensor],
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+    dead_mask: Tensor | None,
+    aux_k: int,
+    impl: str = "sparse",
+) -> Tensor:
+    """Scalar AuxK loss from a TopK-family forward output.
+
+    out needs `pre_acts` [B, M] (with gradient on the dense path, without on the sparse one),
+    `sae_in` [B, d] (the centred encoder input), `target` and `sae_out` [B, d]. dead_mask [M] bool."""
+    z = out["pre_acts"]
+    if dead_mask is None:
+        return z.new_zeros(())
+    dead_mask = dead_mask.to(device=z.device, dtype=torch.bool)
+    if dead_mask.shape != (z.shape[1],):
+        raise ValueError(f"dead_mask must have shape ({z.shape[1]},), got {tuple(dead_mask.shape)}")
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return z.new_zeros(())
+    k_aux = min(aux_k, n_dead)
+    sel = select_dead_topk(z.detach(), dead_mask, k_aux)
+    vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc))
+    e_hat = decode_selected(sel, vals, w_dec, impl)
+    e = (out["target"] - out["sae_out"]).detach()
+    num = (e - e_hat).pow(2).sum()
+    den = (e - e.mean(dim=0)).pow(2).sum()
+    # A residual that is (to rounding) the same for every token has no variance to explain: 0, not
+    # num / rounding noise. torch.where rather than a Python branch: no host sync on GPU.
+    degenerate = den <= 1e-6 * e.pow(2).sum()
+    ratio = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    return torch.where(~degenerate & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))

@@ -1,0 +1,113 @@
+"""Which latents are active: the (row, latent) pairs a TopK-family SAE keeps.
+
+A `Selection` is a flat, row-major list of N kept entries for a batch of B tokens, the layout
+`torch.nn.functional.embedding_bag` takes (`cols` as input, `offsets` as bag starts). TopK keeps
+exactly k per row; BatchTopK and threshold inference keep a variable number per row, which is why
+the layout is flat with offsets rather than [B, k].
+
+Selections are computed without gradient; the values that carry gradient come from
+`sae.sparse_decode.gather_preacts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Selection:
+    """N kept entries of a [B, M] pre-activation matrix, grouped by row.
+
+    rows [N] long: token row of each entry (non-decreasing).
+    cols [N] long: latent index of each entry.
+    offsets [B] long: start of row b's entries in `cols` (row b owns offsets[b]:offsets[b+1]).
+    n_latents: M.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    offsets: Tensor
+    n_latents: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets.shape[0]
+
+    def counts(self) -> Tensor:
+        """[B] entries kept per row."""
+        return torch.bincount(self.rows, minlength=self.n_rows)
+
+
+def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cumsum(counts, 0) - counts
+
+
+@torch.no_grad()
+def select_topk(z: Tensor, k: int) -> Selection:
+    """Per-row TopK of z [B, M]: exactly k entries per row (rows of `cols` in value order)."""
+    b, m = z.shape
+    cols = z.topk(k, dim=1, sorted=False).indices.reshape(-1)
+    rows = torch.arange(b, device=z.device).repeat_interleave(k)
+    offsets = torch.arange(0, b * k, k, device=z.device)
+    return Selection(rows, cols, offsets, m)
+
+
+@torch.no_grad()
+def select_flat(flat: Tensor, shape: tuple[int, int]) -> Selection:
+    """From flat indices into a [B, M] matrix (any order) -> row-major Selection."""
+    b, m = shape
+    flat = flat.sort().values
+    rows, cols = flat // m, flat % m
+    return Selection(rows, cols, _offsets_from_rows(rows, b), m)
+
+
+@torch.no_grad()
+def batch_topk_flat(a: Tensor, n: int, candidates_per_row: int) -> Tensor:
+    """Flat indices of the n largest entries of a [B, M] (in no order); exact.
+
+    A full top-n over B*M values is slow on CPU, so first keep each row's top `candidates_per_row`
+    and take the top n among those. That is exact unless a row has all its candidates above the
+    resulting cut-off (it might hold more winners): such rows are added whole and the top n is taken
+    again. The cut-off can only rise in that second pass, so one refinement suffices."""
+    b, m = a.shape
+    c = min(candidates_per_row, m)
+    if c >= m or n >= b * c:
+        return a.reshape(-1).topk(n, sorted=False).indices
+    cand_val, cand_col = a.topk(c, dim=1, sorted=False)
+    row_base = torch.arange(b, device=a.device)[:, None] * m
+    cand_flat = (cand_col + row_base).reshape(-1)
+    cut, pos = cand_val.reshape(-1).topk(n, sorted=False)
+    saturated = cand_val.min(dim=1).values > cut.min()
+    if not bool(saturated.any()):
+        return cand_flat[pos]
+    keep = ~saturated
+    pool_val = torch.cat([cand_val[keep].reshape(-1), a[saturated].reshape(-1)])
+    full_rows = (torch.arange(m, device=a.device) + row_base[saturated]).reshape(-1)
+    pool_flat = torch.cat([(cand_col[keep] + row_base[keep]).reshape(-1), full_rows])
+    return pool_flat[pool_val.topk(n, sorted=False).indices]
+
+
+@torch.no_grad()
+def select_batch_topk(a: Tensor, k: int) -> Selection:
+    """BatchTopK: the k*B largest entries of a [B, M] over the whole batch; per-row counts vary."""
+    b, _ = a.shape
+    return select_flat(batch_topk_flat(a, k * b, candidates_per_row=2 * k), (b, a.shape[1]))
+
+
+@torch.no_grad()
+def select_threshold(a: Tensor, theta: float) -> Selection:
+    """Inference for batch-level SAEs: entries of a [B, M] strictly above theta."""
+    rows, cols = (a > theta).nonzero(as_tuple=True)  # row-major already
+    return Selection(rows, cols, _offsets_from_rows(rows, a.shape[0]), a.shape[1])
+
+
+@torch.no_grad()
+def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
+    """AuxK: per-row top k_aux of z [B, M] among latents where dead_mask [M] is True.
+    k_aux must not exceed the number of dead latents (so every pick is dead)."""
+    masked = z.masked_fill(~dead_mask, float("-inf"))
+    return select_topk(masked, k_aux)

@@ -1,0 +1,89 @@
+"""Encoder values and decoder sums for the kept entries only, with backward passes that stay sparse.
+
+A TopK-family step needs one dense GEMM, the encoder's forward (every pre-activation is a candidate).
+Everything after the selection touches N = (kept entries) rows of the weights:
+- `gather_preacts`: the kept pre-activations z[rows, cols] as a differentiable function of the
+  encoder input, W_enc and b_enc. Its backward is
+      d x_c[b]   = sum_{n in row b}     g[n] * W_enc[cols[n]]     (an embedding_bag)
+      d W_enc[m] = sum_{n: cols[n] = m} g[n] * x_c[rows[n]]       (an embedding_bag over the
+                                                                   entries sorted by latent)
+      d b_enc[m] = sum_{n: cols[n] = m} g[n]                      (index_add)
+  instead of two dense [B, M] x [M, d] GEMMs.
+- `decode_selected`: x_hat[b] = sum_{n in row b} vals[n] * W_dec[cols[n]] via `embedding_bag`
+  (mode "sum", per_sample_weights), whose own backward touches only the selected rows of W_dec
+  and computes d vals as gather-dots. `impl="dense"` scatters into [B, M] and uses a GEMM instead;
+  both give the same values and gradients (tests/sae/test_sparse_decode.py).
+Bias terms (b_dec) are added by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae.selection import Selection
+
+IMPLS = ("sparse", "dense")
+
+
+def scatter_rows(sel: Selection, weights: Tensor, source: Tensor) -> Tensor:
+    """out[m] = sum over entries n with cols[n] = m of weights[n] * source[rows[n]].
+
+    sel: N entries; weights [N]; source [B, d] -> [M, d]. Sorting the entries by latent turns this
+    into an embedding_bag with one bag per latent (empty bags give zero rows), which on CPU is
+    several times faster than index_add over materialised [N, d] products."""
+    order = sel.cols.argsort()
+    counts = torch.bincount(sel.cols, minlength=sel.n_latents)
+    starts = torch.cumsum(counts, 0) - counts
+    w = weights[order].to(source.dtype)
+    return F.embedding_bag(sel.rows[order], source, starts, mode="sum", per_sample_weights=w)
+
+
+class _GatherPreacts(torch.autograd.Function):
+    """z[rows, cols] with a sparse backward to (x_c, W_enc, b_enc); z itself gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, z, x_c, w_enc, b_enc, rows, cols, offsets, n_latents):  # noqa: D401
+        ctx.save_for_backward(x_c, w_enc, rows, cols, offsets)
+        ctx.n_latents = n_latents
+        return z[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, w_enc, rows, cols, offsets = ctx.saved_tensors
+        sel = Selection(rows, cols, offsets, ctx.n_latents)
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[1]:
+            g_x = F.embedding_bag(cols, w_enc, offsets, mode="sum", per_sample_weights=grad.to(w_enc.dtype))
+        if ctx.needs_input_grad[2]:
+            g_w = scatter_rows(sel, grad, x_c).to(w_enc.dtype)
+        if ctx.needs_input_grad[3]:
+            g_b = torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        return None, g_x, g_w, g_b, None, None, None, None
+
+
+def gather_preacts(z: Tensor, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """The kept pre-activations [N] of z = x_c @ w_enc.T + b_enc.
+
+    z [B, M]: if it carries gradient (the dense path), this is plain indexing and autograd runs the
+    dense backward; if not (the sparse path), gradient reaches x_c [B, d], w_enc [M, d] and b_enc [M]
+    through the sparse backward above."""
+    if z.requires_grad:
+        return z[sel.rows, sel.cols]
+    return _GatherPreacts.apply(z, x_c, w_enc, b_enc, sel.rows, sel.cols, sel.offsets, sel.n_latents)
+
+
+def densify(sel: Selection, vals: Tensor) -> Tensor:
+    """Kept values [N] -> dense latents [B, M] (differentiable in vals)."""
+    out = vals.new_zeros(sel.n_rows, sel.n_latents)
+    return out.index_put((sel.rows, sel.cols), vals)
+
+
+def decode_selected(sel: Selection, vals: Tensor, w_dec: Tensor, impl: str = "sparse") -> Tensor:
+    """sum_n vals[n] * w_dec[cols[n]] per row, without bias: vals [N], w_dec [M, d] -> [B, d]."""
+    if impl == "sparse":
+        return F.embedding_bag(sel.cols, w_dec, sel.offsets, mode="sum", per_sample_weights=vals.to(w_dec.dtype))
+    if impl == "dense":
+        return densify(sel, vals).to(w_dec.dtype) @ w_dec
+    raise ValueError(f"decode impl must be one of {IMPLS}, got {impl!r}")

@@ -1,0 +1,159 @@
+"""TopKSAE (Gao et al. 2024; SAE_REFERENCE.md §3), and the machinery its family shares.
+
+    x_c = x - b_dec;  z = W_enc x_c + b_enc;  f = ReLU on the k largest z per token, 0 elsewhere
+    x_hat = b_dec + f @ W_dec;   loss = mean_t ||x - x_hat||^2 + aux_k_coef * AuxK
+
+Exactly k latents are selected per token and at most k are non-zero (ReLU is applied to the kept
+values, as in OpenAI's code and SAELens). BatchTopK, Matryoshka and the routed SAEs subclass this
+and change only the selection (`select`), the decoding (`_decode_out`), the reconstruction error
+(`_recon_error`) or the input (routing).
+
+Loss normalisation: `mse` is the reference's plain ||x - x_hat||^2 summed over d_in, averaged over
+tokens, in normalised units (E||x|| = sqrt(d_in)); `fvu` (batch mean, detached) is logged beside it.
+
+Speed: one dense GEMM (the encoder's forward) plus work proportional to the kept entries: on the
+sparse path the pre-activations are computed without autograd and the kept ones re-enter the graph
+through `gather_preacts`, whose backward is sparse, and decoding is an embedding_bag
+(sae/sparse_decode.py). `decode_impl="dense"` keeps the textbook GEMM path; both agree in value and
+gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae.auxk import auxk_loss
+from sae.base import BaseSAE, SAEConfig, default_aux_k, kaiming_unit_rows
+from sae.registry import register
+from sae.selection import Selection, select_topk
+from sae.sparse_decode import decode_selected, densify, gather_preacts
+
+# decode_impl="auto": the sparse path from this many latents up, per device type. CPU: measured with
+# bench/bench_sae_decode.py (bench/RESULTS.md), sparse wins at every size tried, from 1024 latents
+# and 256 tokens to 12288 latents and 4096 tokens. CUDA: not measured yet (`--device cuda` does it);
+# sparse until a measurement says otherwise.
+AUTO_SPARSE_MIN_LATENTS = {"cpu": 0, "cuda": 0}
+
+
+@register("TopKSAE", "topk")
+class TopKSAE(BaseSAE):
+    sparse_acts = True
+    recon_name = "mse"  # name of the optimised reconstruction term in `loss`
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        w = kaiming_unit_rows(self.d_sae, self.d_in)
+        self.W_enc = nn.Parameter(w.clone())  # [d_sae, d_in], tied to the decoder at init
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(w)  # [d_sae, d_in], unit rows
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+        self.decode_impl = cfg.decode_impl  # may be changed at any time: speed only
+
+    @property
+    def impl(self) -> str:
+        """The decode path in use: "sparse" or "dense" ("auto": by device type and dictionary size)."""
+        if self.decode_impl == "auto":
+            threshold = AUTO_SPARSE_MIN_LATENTS.get(self.W_dec.device.type, 0)
+            return "sparse" if self.d_sae >= threshold else "dense"
+        return self.decode_impl
+
+    # ---- the steps a subclass may change ---------------------------------------------------
+    def select(self, z: Tensor) -> Selection:
+        """Which entries of the pre-activations z [B, d_sae] are kept (no gradient)."""
+        return select_topk(z, self.cfg.k)
+
+    def _decode_out(self, sel: Selection, vals: Tensor) -> dict[str, Tensor]:
+        """Kept values -> {"sae_out": [B, d_in]} in normalised units."""
+        return {"sae_out": decode_selected(sel, vals, self.W_dec, self.impl) + self.b_dec}
+
+    def _recon_error(self, target: Tensor, recon: Tensor) -> Tensor:
+        """The optimised reconstruction term: mean over tokens of ||target - recon||^2."""
+        return (target - recon).pow(2).sum(dim=-1).mean()
+
+    # ---- encode / forward ----------------------------------------------------------------
+    def encode_selection(self, xn: Tensor) -> tuple[Selection, Tensor, Tensor, Tensor]:
+        """Normalised x [B, d_in] -> (selection, kept values [N] after ReLU, pre-activations z
+        [B, d_sae], centred input x_c [B, d_in])."""
+        x_c = xn - self.b_dec
+        if self.impl == "sparse" and torch.is_grad_enabled():
+            with torch.no_grad():  # the kept entries re-enter autograd through gather_preacts
+                z = F.linear(x_c, self.W_enc, self.b_enc)
+        else:
+            z = F.linear(x_c, self.W_enc, self.b_enc)
+        sel = self.select(z.detach())
+        vals = torch.relu(gather_preacts(z, sel, x_c, self.W_enc, self.b_enc))
+        return sel, vals, z, x_c
+
+    def _forward_normalised(self, xn: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
+        sel, vals, z, x_c = self.encode_selection(xn)
+        out = {"target": xn, **self._decode_out(sel, vals)}
+        out.update(pre_acts=z, sae_in=x_c, sel_idx=sel.cols, sel_val=vals, sel_rows=sel.rows, sel_offsets=sel.offsets)
+        if dense_acts:
+            out["feature_acts"] = densify(sel, vals)
+        if type(self).select is TopKSAE.select:
+            k = self.cfg.k  # per-token TopK: exactly k per row, so [B, k] views exist
+            out["top_idx"], out["top_val"] = sel.cols.view(-1, k), vals.view(-1, k)
+        return out
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return self.normalise(x.to(self.W_dec.dtype))
+
+    def forward(self, x: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
+        """Raw x [B, d_in] -> dict (normalised units): `target`, `sae_out` [B, d_in];
+        `feature_acts` [B, d_sae] unless dense_acts=False; the kept entries as a flat row-major
+        list `sel_idx`, `sel_val`, `sel_rows` [N] with `sel_offsets` [B] (per-token TopK also
+        `top_idx`, `top_val` [B, k]); `pre_acts` [B, d_sae] and `sae_in` [B, d_in] for AuxK."""
+        if x.dim() != 2:
+            raise ValueError(f"forward takes a batch of tokens [B, {self.d_in}], got shape {tuple(x.shape)}")
+        return self._forward_normalised(self._prepare(x), dense_acts)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw x [..., d_in] -> latents [..., d_sae]."""
+        xn = self._prepare(x)
+        lead = xn.shape[:-1]
+        sel, vals, _, _ = self.encode_selection(xn.reshape(-1, self.d_in))
+        return densify(sel, vals).reshape(*lead, self.d_sae)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [..., d_sae] -> reconstruction [..., d_in] in raw units."""
+        return (latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale[0]
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Raw x [..., d_in] -> raw reconstruction [..., d_in], decoding only the kept latents."""
+        xn = self._prepare(x)
+        out = self._forward_normalised(xn.reshape(-1, self.d_in), dense_acts=False)
+        return (out["sae_out"] / self.input_scale[0]).reshape(xn.shape)
+
+    # ---- training hooks --------------------------------------------------------------------
+    def loss(
+        self, out: dict[str, Tensor], *, l1_coefficient: float = 0.0, dead_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """-> {`mse` (or `nmse` for routed SAEs), `auxk`, `total`, `fvu` (detached)}.
+        l1_coefficient is ignored: sparsity is structural."""
+        recon = self._recon_error(out["target"], out["sae_out"])
+        terms = {self.recon_name: recon, **self._log_terms(out)}
+        aux = self._auxk(out, dead_mask)
+        terms.update(auxk=aux, total=recon + self.cfg.aux_k_coef * aux)
+        return terms
+
+    def _auxk(self, out: dict[str, Tensor], dead_mask: Tensor | None) -> Tensor:
+        return auxk_loss(out, self.W_enc, self.b_enc, self.W_dec, dead_mask, default_aux_k(self.cfg), self.impl)
+
+    @torch.no_grad()
+    def _log_terms(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        target, recon = out["target"].detach(), out["sae_out"].detach()
+        err = (target - recon).pow(2).sum()
+        terms = {"fvu": err / (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)}
+        if self.recon_name != "mse":
+            terms["mse"] = err / target.shape[0]
+        return terms
+
+    def fired(self, out: dict[str, Tensor]) -> Tensor:
+        """[d_sae] bool: latents non-zero for some token of the batch (read from the kept entries)."""
+        if "sel_idx" not in out:
+            return super().fired(out)
+        cols = out["sel_idx"][out["sel_val"].detach() > 0]
+        return torch.zeros(self.d_sae, dtype=torch.bool, device=cols.device).index_fill_(0, cols, True)
