@@ -31,7 +31,7 @@ from settings import TrainingConfig
 from train.plan import RunPlan
 from train.schedule import sparsity_factor
 
-TRAINING_DTYPES = ("float32", "bfloat16")
+TRAINING_DTYPES = ("float32", "bfloat16", "float64")  # float64: exactness checks (tests)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +85,7 @@ class Stepper:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     forward: Callable[..., dict[str, Tensor]] | None = None  # e.g. torch.compile(sae); default the SAE
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    dp: Any = None  # train.distributed.DataParallel under torchrun, else None
     threshold_hook: bool = field(init=False)  # does update_after_step wait for threshold_start_step?
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class Stepper:
 
     @classmethod
     def from_config(cls, sae: BaseSAE, optimizer: torch.optim.Optimizer, plan: RunPlan, t: TrainingConfig,
-                    device: torch.device) -> Stepper:
+                    device: torch.device, dp: Any = None) -> Stepper:
         if t.dtype not in TRAINING_DTYPES:
             raise ValueError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
         bf16 = t.dtype == "bfloat16" and device.type == "cuda"
@@ -102,7 +103,7 @@ class Stepper:
             # bf16 compute, float32 master weights and optimiser state: autocast leaves parameters alone
             autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
             forward=torch.compile(sae) if t.compile else None,
-            forward_kwargs=sparse_forward_kwargs(sae),
+            forward_kwargs=sparse_forward_kwargs(sae), dp=dp,
         )
 
 
@@ -142,8 +143,13 @@ def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tens
     with s.autocast():
         out = (sae if s.forward is None else s.forward)(x, **s.forward_kwargs)
         losses = sae.loss(out, l1_coefficient=l1, dead_mask=dead_mask)
+    n_tokens = x.shape[0]
+    if s.dp is not None:  # the global batch's loss (train/distributed.py)
+        losses, n_tokens = s.dp.global_losses(sae, out, losses)
     opt.zero_grad(set_to_none=True)
     losses["total"].backward()
+    if s.dp is not None:
+        s.dp.reduce_grads(sae)
     if s.normalize_decoder:
         sae.remove_parallel_grads()
     if s.clip_norm:
@@ -152,31 +158,35 @@ def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tens
     if s.normalize_decoder:
         sae.normalize_decoder()
     if step >= s.plan.threshold_start_step or not s.threshold_hook:
-        sae.update_after_step(out)
-    _count_tokens(sae, out, state, x.shape[0])
+        sae.update_after_step(out if s.dp is None or not s.threshold_hook else s.dp.threshold_out(out))
+    _count_tokens(sae, out, state, n_tokens, s.dp)
     bad = ~torch.isfinite(losses["total"].detach())
     state.nonfinite_step = torch.where(bad & (state.nonfinite_step < 0), step, state.nonfinite_step)
     state.step += 1
-    state.tokens += x.shape[0]
+    state.tokens += n_tokens
     return out, losses
 
 
 @torch.no_grad()
-def _count_tokens(sae: BaseSAE, out: dict[str, Tensor], state: TrainState, n_tokens: int) -> None:
-    fired = sae.fired(out)
+def _count_tokens(sae: BaseSAE, out: dict[str, Tensor], state: TrainState, n_tokens: int, dp: Any = None) -> None:
+    fired = sae.fired(out) if dp is None else dp.fired(sae.fired(out))
     state.tokens_since_fired = torch.where(fired, 0, state.tokens_since_fired + n_tokens)
 
 
 @torch.no_grad()
 def batch_metrics(sae: BaseSAE, out: dict[str, Tensor], losses: dict[str, Tensor], state: TrainState,
-                  plan: RunPlan) -> dict[str, float]:
+                  plan: RunPlan, dp: Any = None) -> dict[str, float]:
     """Loss terms, L0 (mean non-zero latents per token), batch-form FVU
-    (sum ||x - xhat||^2 / sum ||x - mean_batch(x)||^2) and the dead fraction."""
+    (sum ||x - xhat||^2 / sum ||x - mean_batch(x)||^2) and the dead fraction (under torchrun: of
+    the global batch, from every rank; a collective)."""
+    dead = (state.tokens_since_fired >= plan.dead_threshold_tokens).float().mean().item()
+    if dp is not None:
+        n_local = out["target"].shape[0]
+        return {**dp.metrics(losses, latent_l0(out) * n_local, n_local), "dead_fraction": dead}
     target, recon = out["target"].float(), out["sae_out"].float()
     fvu = (target - recon).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     record = {"loss": losses["total"].item(), **{k: v.item() for k, v in losses.items() if k != "total"}}
-    record.update(l0=latent_l0(out), fvu=fvu.item(),
-                  dead_fraction=(state.tokens_since_fired >= plan.dead_threshold_tokens).float().mean().item())
+    record.update(l0=latent_l0(out), fvu=fvu.item(), dead_fraction=dead)
     return record
 
 
@@ -222,7 +232,8 @@ def run_loop(s: Stepper, loader: Any, state: TrainState, hooks: LoopHooks, devic
             done = state.step >= plan.total_steps
             if done or state.step % plan.log_every == 0:
                 _check_finite(state)
-                hooks.log({"step": state.step, "tokens": state.tokens, **batch_metrics(s.sae, out, losses, state, plan),
+                record = batch_metrics(s.sae, out, losses, state, plan, s.dp)
+                hooks.log({"step": state.step, "tokens": state.tokens, **record,
                            "lr": s.optimizer.param_groups[0]["lr"], "tokens_per_s": meter.rate(state)})
             if done or state.step % plan.checkpoint_every == 0:
                 _check_finite(state, s.sae)

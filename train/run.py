@@ -31,6 +31,7 @@ from train.build import (
 )
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
 from train.data import ActivationLoader
+from train.distributed import DataParallel, RankLoader
 from train.heldout import heldout_summary
 from train.loop import TRAINING_DTYPES, LoopHooks, NonFiniteLossError, Stepper, TrainState, make_optimizer, run_loop
 from train.metrics import MetricsLog
@@ -73,6 +74,11 @@ class _Run:
     resume: bool
     notes: list[str]
     resolved: Config  # cfg with the cache- and run-dependent defaults filled in (saved as config.yaml)
+    dp: DataParallel | None = None  # under torchrun with more than one process
+
+    @property
+    def is_main(self) -> bool:
+        return self.dp is None or self.dp.is_main
 
 
 def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (),
@@ -80,15 +86,28 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
     """Run training as `cfg` says (`training.resume` / `training.overwrite` included)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     run = _setup(cfg)
+    if not run.is_main:
+        say = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
     try:
         for note in run.notes:
             say(note)
         model, optimizer, state = _model_and_state(run, say)
         state = _loop(run, model, optimizer, state, after_step)
+        summary = _finish(run, model, state) if run.is_main else {}
+    except user_errors() as e:
+        if run.dp is None:
+            raise
+        raise TrainError(f"rank {run.dp.rank} of {run.dp.world}: {e}") from e
+    except Exception as e:
+        if run.dp is not None:
+            e.add_note(f"(raised on rank {run.dp.rank} of {run.dp.world})")
+        raise
     finally:
         run.loader.close()
-    summary = _finish(run, model, state)
-    say(f"done: {run.run_dir} (held-out FVU {summary['heldout']['fvu']}, L0 {summary['heldout']['l0']})")
+    if run.dp is not None:
+        run.dp.close()
+    if run.is_main:
+        say(f"done: {run.run_dir} (held-out FVU {summary['heldout']['fvu']}, L0 {summary['heldout']['l0']})")
     return RunResult(run.run_dir, state, summary)
 
 
@@ -103,13 +122,40 @@ def _setup(cfg: Config) -> _Run:
         raise TrainError(str(e)) from e
     device = resolve_device(t.device)
     notes = dtype_notes(t.dtype, device)
+    dp = DataParallel.start(device)
+    if dp is not None:
+        device = dp.device(device)
+    # Every rank plans the same global batches; RankLoader hands each its rows of them.
     loader = ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed,
                               buffer_rows=t.shuffle_buffer_rows)
     plan = plan_run(t, loader.rows_per_epoch, loader.batches_per_epoch)
-    run_dir, resume, dir_notes = prepare_run_dir(t, cfg.model.type, choice.layers)
+    if dp is not None:
+        try:
+            dp.check_batches(t.batch_size, loader.rows_per_epoch)
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+        notes.append(f"data-parallel: {dp.world} processes, {t.batch_size} tokens per global batch")
+    run_dir, resume, dir_notes = _run_dir(t, cfg.model.type, choice.layers, dp)
     notes += choice.notes + dir_notes + describe(plan)
     resolved = resolved_config(cfg, data, choice, plan, run_dir)
-    return _Run(cfg, data, choice, loader, plan, device, run_dir, resume, notes, resolved)
+    return _Run(cfg, data, choice, loader, plan, device, run_dir, resume, notes, resolved, dp)
+
+
+def _run_dir(t: Any, sae_type: str, layers: list[int], dp: DataParallel | None) -> tuple[Path, bool, list[str]]:
+    """Rank 0 chooses and prepares the run folder (a timestamped name must be one name); the others
+    learn it, or rank 0's error, by broadcast."""
+    if dp is None:
+        return prepare_run_dir(t, sae_type, layers)
+    answer: Any = None
+    if dp.is_main:
+        try:
+            answer = prepare_run_dir(t, sae_type, layers)
+        except RunDirError as e:
+            answer = str(e)
+    answer = dp.broadcast_object(answer)
+    if isinstance(answer, str):
+        raise RunDirError(answer)
+    return answer
 
 
 def open_training_cache(path: str) -> Any:
@@ -141,10 +187,20 @@ def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.
     cfg, t = run.cfg, run.cfg.training
     scales = input_scales(run.cache, run.choice.layers)
     model = build_sae(cfg.model, run.cache.d_model, run.choice, scales, t.seed).to(run.device)
+    if t.dtype == "float64":
+        model = model.to(torch.float64)
+    if run.dp is not None:
+        run.dp.make_selection_global(model)
     optimizer = make_optimizer(model, t)
     state = TrainState.fresh(model.d_sae, run.device)
     ckpt = latest_checkpoint(run.run_dir) if run.resume else None
     if ckpt is not None:
+        world, saved_world = run.dp.world if run.dp else 1, ckpt.meta.get("world_size", 1)
+        if saved_world != world:
+            raise TrainError(
+                f"cannot resume {run.run_dir}: its checkpoint was written by {saved_world} process(es) and this "
+                f"run has {world}; the batch split and the run's arithmetic depend on it: resume with "
+                f"--nproc-per-node {saved_world} (NPROC={saved_world}), or start a new run")
         try:
             state = restore(ckpt, model, optimizer, run.resolved, run.cache, run.plan, run.device)
         except ValueError as e:
@@ -153,12 +209,15 @@ def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.
             say(f"skipped a damaged checkpoint: {skipped}")
         say(f"resuming {run.run_dir} at step {state.step} ({state.tokens:,} tokens)")
     else:
-        batches = run.loader.batches(0, 0)
+        batches = run.loader.batches(0, 0)  # the global first batch, on every rank
         try:
             init_from_sample(model, next(batches).x.to(run.device))
         finally:
             batches.close()  # stops its reader thread
-    save_config(run.resolved, run.run_dir / CONFIG_FILE)
+        if run.dp is not None:
+            run.dp.broadcast_module(model)  # ranks start bitwise equal
+    if run.is_main:
+        save_config(run.resolved, run.run_dir / CONFIG_FILE)
     return model, optimizer, state
 
 
@@ -166,20 +225,27 @@ def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainS
           after_step: Iterable[Callable[[TrainState], None]]) -> TrainState:
     cfg = run.cfg
     log = MetricsLog(run.run_dir, total_steps=run.plan.total_steps, start_step=state.step, wandb_cfg=cfg.wandb,
-                     run_name=run.run_dir.name, config=to_dict(run.resolved))
+                     run_name=run.run_dir.name, config=to_dict(run.resolved)) if run.is_main else None
 
     def save(st: TrainState) -> None:
-        write_checkpoint(run.run_dir, checkpoint_of(model, optimizer, st, run.resolved, run.cache, run.plan))
+        ckpt = checkpoint_of(model, optimizer, st, run.resolved, run.cache, run.plan)
+        ckpt.meta["world_size"] = run.dp.world if run.dp else 1
+        write_checkpoint(run.run_dir, ckpt)
 
-    hooks = LoopHooks(log=log.log, checkpoint=save, after_step=tuple(after_step), progress=log.advance)
-    stepper = Stepper.from_config(model, optimizer, run.plan, cfg.training, run.device)
+    if log is not None:
+        hooks = LoopHooks(log=log.log, checkpoint=save, after_step=tuple(after_step), progress=log.advance)
+    else:  # ranks > 0 compute the same metrics (a collective) and drop them
+        hooks = LoopHooks(after_step=tuple(after_step))
+    stepper = Stepper.from_config(model, optimizer, run.plan, cfg.training, run.device, run.dp)
+    loader = run.loader if run.dp is None else RankLoader(run.loader, run.dp)
     try:
-        return run_loop(stepper, run.loader, state, hooks, run.device)
+        return run_loop(stepper, loader, state, hooks, run.device)
     except NonFiniteLossError as e:
         kept = list_checkpoints(run.run_dir)
         raise NonFiniteLossError(e.step, kept[-1].name if kept else None) from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
 
 
 def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
