@@ -1,8 +1,8 @@
 # The front door. Every target creates the environment first if it is missing.
 #   make demo                      the whole pipeline on the offline default (CPU, no network)
 #   make test                      the test suite
-#   make harvest [CONFIG=...] [OVERWRITE=1] [section.key=value ...]
-#   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [section.key=value ...]
+#   make harvest [CONFIG=...] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
+#   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make evaluate [RUN=runs/<run>]
 # Arguments of the form section.key=value (e.g. training.lr=1e-4) are passed to the program as
 # config overrides.
@@ -13,6 +13,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 MODEL ?= topk
+NPROC ?= 1
+# NPROC > 1: the same program under torchrun on this node (gloo on CPU, NCCL on GPUs).
+LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m,$(PY) -m)
 STAMP := $(VENV)/.installed
 
 # Command-line variables whose name has a dot are config overrides.
@@ -45,10 +48,10 @@ test: venv
 	$(PY) -m pytest tests
 
 harvest: venv
-	$(PY) -m harvest --config $(CONFIG) $(FLAGS) $(OVERRIDES)
+	$(LAUNCH) harvest --config $(CONFIG) $(FLAGS) $(OVERRIDES)
 
 train: venv
-	$(PY) -m train --model $(MODEL) --config $(CONFIG) $(FLAGS) $(if $(CACHE),training.cache=$(CACHE)) $(OVERRIDES)
+	$(LAUNCH) train --model $(MODEL) --config $(CONFIG) $(FLAGS) $(if $(CACHE),training.cache=$(CACHE)) $(OVERRIDES)
 
 evaluate: venv
 	$(PY) -m evaluate $(RUN) $(OVERRIDES)

@@ -1,5 +1,8 @@
 """Command line of stage 1: `python -m harvest [--config FILE ...] [--overwrite] [section.key=value ...]`.
 
+Under `torchrun --nproc-per-node N -m harvest ...` (WORLD_SIZE > 1) the processes share the work and
+rank 0 merges their caches into one (harvest.distributed); an error line then names the rank.
+
 Exit codes: 0 done (also when the cache was already complete), 1 failure while running (disk full,
 I/O error), 2 bad input (config, model path, layers, text source, a different cache in the way),
 130 interrupted. Errors are one line on stderr; a rerun resumes whatever was committed.
@@ -8,6 +11,7 @@ I/O error), 2 bad input (config, model path, layers, text source, a different ca
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from harvest.distributed import harvest_distributed, world_from_env
     from harvest.errors import TextError
     from harvest.model import HarvestError
     from harvest.run import harvest
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(paths, args.overrides)
         if args.overwrite:
             cfg.harvest.overwrite = True
-        summary = harvest(cfg, progress=not args.quiet)
+        distributed = world_from_env()[1] > 1
+        summary = (harvest_distributed if distributed else harvest)(cfg, progress=not args.quiet)
     except (ConfigError, HarvestError, TextError) as e:
         return _fail(str(e), 2)
     except ValueError as e:  # the cache writer's refusals (a different cache, a foreign folder)
@@ -51,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e) or type(e).__name__, 1)
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume", 130)
-    for line in summary.lines():
-        print(line)
+    if os.environ.get("RANK", "0") == "0":  # every rank holds the same summary
+        for line in summary.lines():
+            print(line)
     return 0
 
 
@@ -64,7 +71,9 @@ def _silence_transformers() -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"harvest: error: {' '.join(message.split())}", file=sys.stderr)
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    where = f"rank {rank} of {world}: " if world != "1" else ""
+    print(f"harvest: error: {where}{' '.join(message.split())}", file=sys.stderr)
     return code
 
 

@@ -21,6 +21,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import cache
+from cache import merge
 from harvest import text
 from harvest.capture import WindowSink, compute_window
 from harvest.identity import build_identity, build_metadata
@@ -159,6 +161,10 @@ def _start_points(committed: dict | None, seg: Segment) -> tuple[dict[str, int],
 
 def _refuse_early(out: Path, existing: dict | None, diffs: list[str], overwrite: bool) -> None:
     """The writer's refusals, checked before a large model is loaded for nothing."""
+    if existing is None and (merge.rank_folders(out) or merge.merge_pending(out)):
+        raise HarvestError(f"harvest.output={out} holds an unfinished harvest by several processes (rank-* folders); "
+                           f"rerun it under torchrun with the same --nproc-per-node (make harvest NPROC=N), or "
+                           f"choose another harvest.output")
     if existing is None and out.is_dir() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise HarvestError(f"harvest.output={out} is not empty and holds no cache; refusing to touch it: "
                            f"choose a new or empty folder")
@@ -170,14 +176,18 @@ def _refuse_early(out: Path, existing: dict | None, diffs: list[str], overwrite:
 def harvest_stream(lm: LoadedModel, sequences: object, writer: cache.CacheWriter, *, layers: list[int],
                    store_dtype: torch.dtype, seed: int, batch_size: int, shuffle_window: int,
                    starts: dict[str, int], offsets: dict[str, int], pad_id: int,
-                   progress: tqdm | None = None) -> dict[str, int]:
+                   progress: tqdm | None = None, owns: Callable[[str, int], bool] | None = None) -> dict[str, int]:
     """Harvest an iterator of PackedSequence into `writer`, windows anchored at `starts` (the first
-    window of split s appends from row `offsets[s]`). Returns, per split, the index of the next
-    sequence not consumed."""
+    window of split s appends from row `offsets[s]`). `owns(split, chunk)`: whether this process
+    harvests that window (None: all; a distributed rank skips the others without a forward).
+    Returns, per split, the index of the next sequence not consumed (by any process)."""
     next_seq = dict(starts)
     sink = WindowSink(writer, lm.device)
     try:
         for split, chunk, seqs in group_windows(sequences, shuffle_window, starts):
+            if owns is not None and not owns(split, chunk):
+                next_seq[split] = chunk + len(seqs)
+                continue
             plan = plan_window(split, chunk, seqs, batch_size=batch_size, seed=seed, pad_id=pad_id)
             acts = compute_window(lm, layers, plan, store_dtype)
             offset = offsets[split] if chunk == starts[split] else 0
@@ -198,10 +208,12 @@ def _pad_id(tokenizer: object) -> int:
     return 0
 
 
-def harvest(cfg: object, *, progress: bool = True) -> HarvestSummary:
+def harvest(cfg: object, *, progress: bool = True, owns: Callable[[str, int], bool] | None = None,
+            extra_metadata: dict | None = None) -> HarvestSummary:
     """Run stage 1 for `cfg` (a settings.Config): fresh, resumed, extended or a no-op. An existing
     cache with the same identity is continued even with `harvest.overwrite` (overwrite only permits
-    replacing a *different* cache)."""
+    replacing a *different* cache). `owns` and `extra_metadata` serve a distributed rank
+    (harvest.distributed): only the windows it owns are harvested, and the metadata says so."""
     t0 = time.perf_counter()
     run = _prepare(cfg)
     out = Path(cfg.harvest.output)
@@ -219,17 +231,18 @@ def harvest(cfg: object, *, progress: bool = True) -> HarvestSummary:
     replace = cfg.harvest.overwrite and (bool(diffs) or damaged)
     t_loop = time.perf_counter()
     new_rows = _run_segments(cfg, lm, run, out, seg, committed=existing if not diffs else None,
-                             overwrite=replace, progress=progress)
+                             overwrite=replace, progress=progress, owns=owns, extra_metadata=extra_metadata or {})
     return _summary(out, status, new_rows, t0, time.perf_counter() - t_loop)
 
 
 def _run_segments(cfg: object, lm: LoadedModel, run: _Run, out: Path, seg: Segment | None, *,
-                  committed: dict | None, overwrite: bool, progress: bool) -> int:
+                  committed: dict | None, overwrite: bool, progress: bool, owns: Callable[[str, int], bool] | None,
+                  extra_metadata: dict) -> int:
     """Run `seg` and whatever follows it (an extension after a resumed segment); returns rows written."""
     hv = cfg.harvest
     facts = text.tokenizer_description(run.tokenizer, text.special_layout(run.tokenizer))
     base_meta = build_metadata(cfg, lm, resolved_model=run.resolved, tokenizer=run.tokenizer, tokenizer_facts=facts,
-                               resolved_config=to_dict(cfg))
+                               resolved_config=to_dict(cfg)) | extra_metadata
     new_rows = 0
     while seg is not None:
         starts, offsets = _start_points(committed, seg)
@@ -249,7 +262,7 @@ def _run_segments(cfg: object, lm: LoadedModel, run: _Run, out: Path, seg: Segme
         try:
             if any(writer.resume_point(s) != _cursor(committed, s) for s in SPLITS):
                 raise RuntimeError(f"cache at {out} changed while harvest was starting; rerun")
-            new_rows += _run_segment(cfg, lm, run, writer, seg, stream, starts, offsets, progress)
+            new_rows += _run_segment(cfg, lm, run, writer, seg, stream, starts, offsets, progress, owns)
         except BaseException:
             writer.close()
             raise
@@ -307,7 +320,8 @@ def _summary(out: Path, status: str, new_rows: int, t0: float, loop_seconds: flo
 
 
 def _run_segment(cfg: object, lm: LoadedModel, run: _Run, writer: cache.CacheWriter, seg: Segment,
-                 stream: object, starts: dict[str, int], offsets: dict[str, int], progress: bool) -> int:
+                 stream: object, starts: dict[str, int], offsets: dict[str, int], progress: bool,
+                 owns: Callable[[str, int], bool] | None) -> int:
     """Harvest one segment into an open writer and finish it; returns the rows written."""
     hv = cfg.harvest
     before = sum(writer.rows_written(s) for s in SPLITS)
@@ -316,7 +330,8 @@ def _run_segment(cfg: object, lm: LoadedModel, run: _Run, writer: cache.CacheWri
     try:
         next_seq = harvest_stream(lm, stream, writer, layers=run.layers, store_dtype=run.store_dtype,
                                   seed=cfg.data.seed, batch_size=hv.batch_size, shuffle_window=hv.shuffle_window,
-                                  starts=starts, offsets=offsets, pad_id=_pad_id(run.tokenizer), progress=bar)
+                                  starts=starts, offsets=offsets, pad_id=_pad_id(run.tokenizer), progress=bar,
+                                  owns=owns)
         writer.flush()
         rows = {s: writer.rows_written(s) for s in SPLITS}
         writer.finish(extra_metadata={FINISHED_KEY: {"budget": seg.budget, "next_sequence": next_seq, "rows": rows}})
