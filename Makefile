@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m harvest --config $(CONFIG) $(OVERRIDES)
 	$(PY) -m cache info $$($(PY) -m settings get harvest.output --config $(CONFIG) $(OVERRIDES))
-	$(PY) -m train --model topk --config $(CONFIG) --overwrite training.run_name=demo-topk $(OVERRIDES)
+	$(PY) -m train --model topk --config $(CONFIG) --overwrite training.run_name=demo-topk training.num_epochs=1 $(OVERRIDES)
 	$(PY) -m evaluate runs/demo-topk
 
 test: venv
