@@ -29,6 +29,7 @@ from train.build import (
     resolve_layers,
     sae_config,
 )
+from train.calibrate import calibrate_threshold
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
@@ -252,6 +253,14 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
     t = run.cfg.training
     meta = provenance(run.cache, run.choice, [float(s) for s in model.input_scale.tolist()], run.run_dir.name)
     meta["training"] = {"steps": state.step, "tokens": state.tokens, "seed": t.seed}
+    # Under torchrun every rank holds the same weights but the batch-level selection is global (a
+    # collective), so the cut-off is taken in single-process runs only; DDP keeps the EMA estimate.
+    calibration = None
+    if run.dp is None:
+        calibration = calibrate_threshold(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
+                                          device=run.device)
+    if calibration is not None:
+        meta["threshold_calibration"] = calibration
     model.save(run.run_dir / SAE_DIR, meta=meta)
     heldout = heldout_summary(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
                               device=run.device, max_rows=run.cfg.evaluate.max_tokens)
@@ -261,6 +270,7 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "train_seconds": state.train_seconds,
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "heldout": heldout,
+        "threshold_calibration": calibration,
     }
     _write_json(run.run_dir / SUMMARY_FILE, summary)
     return summary

@@ -148,7 +148,11 @@ def test_batchtopk_threshold_waits_for_its_start_then_becomes_positive(sparse_ca
     assert all(seen[s] == 0.0 for s in range(1, 11)), seen  # steps 0..9 leave it unestimated
     assert seen[11] > 0 and seen[40] > 0
     saved = _weights(tmp_path / "run")
-    assert float(saved["threshold"]) == seen[40]
+    # The saved threshold is the final model's cut-off (train/calibrate.py), replacing the EMA.
+    meta = json.loads((tmp_path / "run" / "sae" / "sae.json").read_text())["meta"]
+    assert meta["threshold_calibration"]["before"] == pytest.approx(seen[40])
+    assert float(saved["threshold"]) == pytest.approx(meta["threshold_calibration"]["after"])
+    assert float(saved["threshold"]) > 0
 
 
 def _weights(run_dir):
