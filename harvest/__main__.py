@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     from harvest.distributed import harvest_distributed, world_from_env
     from harvest.errors import TextError
     from harvest.model import HarvestError

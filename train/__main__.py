@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:

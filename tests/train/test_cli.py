@@ -135,3 +135,11 @@ def test_nan_exits_nonzero_with_the_step(sparse_cache, base, capsys, monkeypatch
     monkeypatch.setattr(run_mod, "ActivationLoader", _PoisonedLoader)
     code, err = _run(capsys, _args(base, sparse_cache, "vanilla"))
     assert code == 1 and "step 23" in err and "python -m cache verify" in err
+
+
+def test_overrides_may_come_between_options():
+    from train.__main__ import parse_args
+
+    args = parse_args(["--model", "gated", "training.lr=1e-3", "--config", "configs/default.yaml", "model.k=8"])
+    assert args.model == "gated" and str(args.config) == "configs/default.yaml"
+    assert args.overrides == ["training.lr=1e-3", "model.k=8"]
