@@ -4,9 +4,9 @@ BatchTopK and Matryoshka (routed or not) keep k * B activations per training bat
 one threshold theta. The running estimate (an EMA of each batch's smallest kept activation) lags:
 pre-activations keep shrinking as the SAE trains, so a short run ends with theta well above the
 current cut-off (seen on the default cache: theta 1.45 against a cut-off of 1.19, inference L0
-15.6 instead of k = 32). After training, theta is therefore set to the mean cut-off of the final
-model's own batch-level selection over a few training batches, so inference keeps about k
-latents per token on the training distribution. Held-out rows are never used.
+15.6 instead of k = 32). After training (on rank 0 under torchrun), theta is therefore set to
+the mean cut-off of the final model's own batch-level selection over a few training batches, so
+inference keeps about k latents per token on the training distribution. Held-out rows are never used.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def calibrate_threshold(model: BaseSAE, cache: Any, layers: int | list[int], *, 
     picks = sorted({round(i * (len(shards) - 1) / max(1, n_batches - 1)) for i in range(n_batches)})
     was_training = model.training
     model.train()  # the batch-level selection whose cut-off inference should reproduce
+    # Under torchrun the training selection is an instance override that gathers across ranks
+    # (train/distributed.py); calibration runs on rank 0 alone over the same rows a single process
+    # would read, so it uses the class's own, local selection and gives the same theta.
+    collective = model.__dict__.pop("select", None)
     cuts = []
     try:
         for i in picks:
@@ -43,6 +47,8 @@ def calibrate_threshold(model: BaseSAE, cache: Any, layers: int | list[int], *, 
                 cuts.append(vals.min())
     finally:
         model.train(was_training)
+        if collective is not None:
+            model.select = collective
     if not cuts:
         return None
     before = float(model.threshold)

@@ -253,12 +253,8 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
     t = run.cfg.training
     meta = provenance(run.cache, run.choice, [float(s) for s in model.input_scale.tolist()], run.run_dir.name)
     meta["training"] = {"steps": state.step, "tokens": state.tokens, "seed": t.seed}
-    # Under torchrun every rank holds the same weights but the batch-level selection is global (a
-    # collective), so the cut-off is taken in single-process runs only; DDP keeps the EMA estimate.
-    calibration = None
-    if run.dp is None:
-        calibration = calibrate_threshold(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
-                                          device=run.device)
+    calibration = calibrate_threshold(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
+                                      device=run.device)
     if calibration is not None:
         meta["threshold_calibration"] = calibration
     model.save(run.run_dir / SAE_DIR, meta=meta)
