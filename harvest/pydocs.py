@@ -29,7 +29,7 @@ from pathlib import Path
 import xxhash
 
 NAME = "python-docs"
-VERSION = 1  # bump when the extraction rules change: it enters the fingerprint
+VERSION = 2  # bump when the extraction rules change: it enters the fingerprint
 MIN_CHARS = 200
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib",
                         "encodings", "lib2to3", "turtledemo", "pydoc_data", "ensurepip", "venv"})
@@ -100,6 +100,11 @@ def _stdlib_docstrings(root: Path) -> Iterator[str]:
                     yield doc
 
 
+# This project's own README changes with every commit, and an editable install republishes it:
+# leaving it out keeps the default cache's identity (and `make demo` reruns) stable across updates.
+_OWN_DISTRIBUTION = "saecache"
+
+
 def _distribution_descriptions() -> Iterator[str]:
     found = []
     for dist in importlib.metadata.distributions():
@@ -109,7 +114,7 @@ def _distribution_descriptions() -> Iterator[str]:
         name = re.sub(r"[-_.]+", "-", (meta.get("Name") or "")).lower()
         body = meta.get_payload() if hasattr(meta, "get_payload") else None
         text = body if isinstance(body, str) and body.strip() else (meta.get("Description") or "")
-        if text.strip() and text.strip() != "UNKNOWN":
+        if name != _OWN_DISTRIBUTION and text.strip() and text.strip() != "UNKNOWN":
             found.append((name, meta.get("Version") or "", text))
     for _, _, text in sorted(found):
         yield text

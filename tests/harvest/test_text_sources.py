@@ -170,3 +170,20 @@ def test_python_docs_fingerprint_follows_the_documents(monkeypatch):
     assert source_fingerprint(DataConfig(train_path="python-docs"))["xxh3"] != before["xxh3"]
     monkeypatch.setattr(pydocs, "python_docs", lambda: ("a" * 300, "c" * 300))
     assert source_fingerprint(DataConfig(train_path="python-docs"))["xxh3"] != before["xxh3"]
+
+
+def test_python_docs_leaves_out_this_projects_own_readme(monkeypatch):
+    import email.message
+    import importlib.metadata
+
+    from harvest import pydocs
+
+    def dist(name, body):
+        meta = email.message.Message()
+        meta["Name"], meta["Version"] = name, "1.0"
+        meta.set_payload(body)
+        return type("D", (), {"metadata": meta})()
+
+    fakes = [dist("saecache", "our README, which changes with every commit"), dist("Other-Pkg", "another README")]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(fakes))
+    assert list(pydocs._distribution_descriptions()) == ["another README"]
