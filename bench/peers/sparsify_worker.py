@@ -1,0 +1,77 @@
+"""Peer-benchmark worker (runs in .venv-peers): EleutherAI sparsify's `SparseCoder`, TopK only.
+
+sparsify's `Trainer` runs a language model with hooks, so its step is reproduced around the public
+`SparseCoder` (ANCHORS.md), in the order its trainer uses: b_dec = mean of the first batch; decoder
+rows set to unit norm before each forward; loss = the FVU the coder returns (AuxK off: its default
+`auxk_alpha` is 0); backward; gradient parallel to the decoder rows removed; Adam step; no clipping.
+Adam lr 4e-4 constant (sparsify's own default would warm up for 1,000 steps). Its eager CPU decoder
+(embedding_bag) is what runs here: Triton is not installed.
+
+    .venv-peers/bin/python bench/peers/sparsify_worker.py --work bench/_work/peers --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from heldout_eval import evaluate
+from runmeter import Gate, StepClock, peak_rss_bytes, set_threads, write_result
+from streamfile import StreamMeta, heldout_chunks, load_meta, train_batches
+
+D_SAE, K, LR = 3072, 32, 4e-4
+
+
+def train(coder, meta: StreamMeta, work: Path, clock: StepClock) -> None:
+    opt = torch.optim.Adam(coder.parameters(), lr=LR)
+    for step, x in enumerate(train_batches(work, meta, scale=meta.scale)):
+        if step == 0:
+            with torch.no_grad():
+                coder.b_dec.copy_(x.mean(dim=0))
+        coder.set_decoder_norm_to_unit_norm()
+        out = coder(x)
+        out.fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.step_end()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=("topk",), default="topk")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
+    a = p.parse_args(argv)
+    set_threads(a.threads)
+    meta = load_meta(a.work)
+    from importlib.metadata import version
+
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    coder = SparseCoder(meta.d, SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu", dtype=torch.float32)
+    clock = StepClock(meta.n_batches, Gate.from_arg(a.gate))
+    train(coder, meta, a.work, clock)
+    rates = clock.rates(meta.batch_rows())
+    coder.eval()
+
+    def infer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs = x * meta.scale
+        enc = coder.encode(xs)
+        latents = torch.zeros(xs.shape[0], D_SAE).scatter_(1, enc.top_indices, enc.top_acts)
+        return xs, coder.decode(enc.top_acts, enc.top_indices), latents
+
+    metrics = evaluate(infer, heldout_chunks(a.work, meta), D_SAE)
+    doc = {"impl": f"sparsify {version('eai-sparsify')}", "arch": "topk", "threads": torch.get_num_threads(),
+           **rates, **metrics, "peak_rss_bytes": peak_rss_bytes(), "threshold": None}
+    write_result(a.out, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
