@@ -95,7 +95,7 @@ class TrainingConfig:
     threshold_start_step: int | None = None  # BatchTopK threshold EMA start; None = 10% of the run
     normalize_decoder: bool = True
     device: str = "auto"
-    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA, float32 master weights)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA and bf16-capable CPUs; float32 master weights)
     compile: bool = False
     seed: int = 0
     checkpoint_every: int | None = None  # steps; None = 4 per run

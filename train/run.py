@@ -34,7 +34,16 @@ from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
 from train.heldout import heldout_summary
-from train.loop import TRAINING_DTYPES, LoopHooks, NonFiniteLossError, Stepper, TrainState, make_optimizer, run_loop
+from train.loop import (
+    TRAINING_DTYPES,
+    LoopHooks,
+    NonFiniteLossError,
+    Stepper,
+    TrainState,
+    bf16_autocast_available,
+    make_optimizer,
+    run_loop,
+)
 from train.metrics import MetricsLog
 from train.plan import PlanError, RunPlan, describe, plan_run
 from train.resume import checkpoint_of, resolved_config, restore
@@ -179,8 +188,9 @@ def resolve_device(name: str) -> torch.device:
 def dtype_notes(dtype: str, device: torch.device) -> list[str]:
     if dtype not in TRAINING_DTYPES:
         raise TrainError(f"training.dtype={dtype!r} is not one of {TRAINING_DTYPES}")
-    if dtype == "bfloat16" and device.type != "cuda":
-        return ["training.dtype=bfloat16 applies on CUDA (autocast); on this device training runs in float32"]
+    if dtype == "bfloat16" and not bf16_autocast_available(device):
+        return ["training.dtype=bfloat16 applies on CUDA and on CPUs with native bf16 (autocast); "
+                "on this device training runs in float32"]
     return []
 
 

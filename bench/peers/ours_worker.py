@@ -30,12 +30,12 @@ ARCHES = ("topk", "batchtopk", "matryoshka")
 
 
 def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path,
-                     steps: int | None = None) -> list[str]:
+                     steps: int | None = None, lr: float = 4e-4) -> list[str]:
     """The common setting (ANCHORS.md) on top of the trainer's defaults; everything else is its own.
     One pass (`num_epochs=1`), or the first `steps` batches of it for a quick run."""
     out = [
         f"training.cache={cache}", f"model.layer={layer}", "model.latent_size=3072", "model.k=32",
-        f"training.batch_size={batch_size}", "training.lr=4e-4", "training.lr_schedule=constant",
+        f"training.batch_size={batch_size}", f"training.lr={lr!r}", "training.lr_schedule=constant",
         "training.num_warmup_steps=0", "training.num_epochs=1", "training.tokens=null",
         f"training.steps={'null' if steps is None else steps}",
         "training.dtype=float32", "training.device=cpu", "training.seed=0", "wandb.use_wandb=false",
@@ -46,12 +46,13 @@ def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_di
     return out
 
 
-def build_config(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path, steps: int | None = None):
+def build_config(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path, steps: int | None = None,
+                 lr: float = 4e-4):
     """The resolved Config, through the training CLI's own argument and config handling."""
     from train.__main__ import build_config as cli_build_config
     from train.__main__ import parse_args
 
-    overrides = common_overrides(arch, cache, layer, batch_size, runs_dir, steps)
+    overrides = common_overrides(arch, cache, layer, batch_size, runs_dir, steps, lr)
     args = parse_args(["--model", arch, "--overwrite", *overrides])
     return cli_build_config(args)
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True, help="folder holding stream.json (bench_peers.py)")
     p.add_argument("--out", type=Path, required=True, help="result JSON to write")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=4e-4, help="Adam lr, constant (the common setting: 4e-4)")
     p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
     a = p.parse_args(argv)
     set_threads(a.threads)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.run import train
 
     steps = meta.n_batches if meta.n_batches < meta.epoch_batches else None  # a cut-short stream
-    cfg = build_config(a.arch, meta.cache, meta.layer, meta.batch_size, a.work / "runs", steps)
+    cfg = build_config(a.arch, meta.cache, meta.layer, meta.batch_size, a.work / "runs", steps, a.lr)
     clock = StepClock(meta.n_batches, Gate.from_arg(a.gate))
     result = train(cfg, after_step=[lambda state: clock.step_end()], say=lambda msg: print(msg, file=sys.stderr))
     if result.state.tokens != meta.train_rows:

@@ -41,12 +41,12 @@ def make_sae(arch: str, d_in: int):
     return sae_lens.MatryoshkaBatchTopKTrainingSAE(cfg)
 
 
-def fit(sae, meta: StreamMeta, work: Path, clock: StepClock):
+def fit(sae, meta: StreamMeta, work: Path, clock: StepClock, lr: float = LR):
     from sae_lens import LoggingConfig, SAETrainer
     from sae_lens.config import SAETrainerConfig
 
     cfg = SAETrainerConfig(
-        total_training_samples=meta.train_rows, train_batch_size_samples=meta.batch_size, lr=LR, lr_end=LR,
+        total_training_samples=meta.train_rows, train_batch_size_samples=meta.batch_size, lr=lr, lr_end=lr,
         lr_scheduler_name="constant", lr_warm_up_steps=0, device="cpu", autocast=False,
         logger=LoggingConfig(log_to_wandb=False),
     )
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=LR, help="Adam lr, constant (the common setting: 4e-4)")
     p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
     a = p.parse_args(argv)
     set_threads(a.threads)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     sae = make_sae(a.arch, meta.d)
     clock = StepClock(meta.n_batches, Gate.from_arg(a.gate))
-    trained = fit(sae, meta, a.work, clock)
+    trained = fit(sae, meta, a.work, clock, a.lr)
     rates = clock.rates(meta.batch_rows())
     threshold = float(trained.topk_threshold) if hasattr(trained, "topk_threshold") else None
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,8 +4,8 @@ sparsify's `Trainer` runs a language model with hooks, so its step is reproduced
 `SparseCoder` (ANCHORS.md), in the order its trainer uses: b_dec = mean of the first batch; decoder
 rows set to unit norm before each forward; loss = the FVU the coder returns (AuxK off: its default
 `auxk_alpha` is 0); backward; gradient parallel to the decoder rows removed; Adam step; no clipping.
-Adam lr 4e-4 constant (sparsify's own default would warm up for 1,000 steps). Its eager CPU decoder
-(embedding_bag) is what runs here: Triton is not installed.
+Adam lr 4e-4 constant unless `--lr` says otherwise (sparsify's own default would warm up for 1,000
+steps). Its eager CPU decoder (embedding_bag) is what runs here: Triton is not installed.
 
     .venv-peers/bin/python bench/peers/sparsify_worker.py --work bench/_work/peers --out r.json
 """
@@ -24,8 +24,8 @@ from streamfile import StreamMeta, heldout_chunks, load_meta, train_batches
 D_SAE, K, LR = 3072, 32, 4e-4
 
 
-def train(coder, meta: StreamMeta, work: Path, clock: StepClock) -> None:
-    opt = torch.optim.Adam(coder.parameters(), lr=LR)
+def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = LR) -> None:
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
     for step, x in enumerate(train_batches(work, meta, scale=meta.scale)):
         if step == 0:
             with torch.no_grad():
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=LR, help="Adam lr, constant (the common setting: 4e-4)")
     p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
     a = p.parse_args(argv)
     set_threads(a.threads)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     coder = SparseCoder(meta.d, SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu", dtype=torch.float32)
     clock = StepClock(meta.n_batches, Gate.from_arg(a.gate))
-    train(coder, meta, a.work, clock)
+    train(coder, meta, a.work, clock, a.lr)
     rates = clock.rates(meta.batch_rows())
     coder.eval()
 
