@@ -30,7 +30,7 @@ ARCHES = ("topk", "batchtopk", "matryoshka")
 
 
 def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path,
-                     steps: int | None = None, lr: float = 4e-4) -> list[str]:
+                     steps: int | None = None, lr: float = 4e-4, dtype: str = "float32") -> list[str]:
     """The common setting (ANCHORS.md) on top of the trainer's defaults; everything else is its own.
     One pass (`num_epochs=1`), or the first `steps` batches of it for a quick run."""
     out = [
@@ -38,8 +38,8 @@ def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_di
         f"training.batch_size={batch_size}", f"training.lr={lr!r}", "training.lr_schedule=constant",
         "training.num_warmup_steps=0", "training.num_epochs=1", "training.tokens=null",
         f"training.steps={'null' if steps is None else steps}",
-        "training.dtype=float32", "training.device=cpu", "training.seed=0", "wandb.use_wandb=false",
-        f"training.output_dir={runs_dir}", f"training.run_name=ours-{arch}",
+        f"training.dtype={dtype}", "training.device=cpu", "training.seed=0", "wandb.use_wandb=false",
+        f"training.output_dir={runs_dir}", f"training.run_name=ours-{arch}-{dtype}",
     ]
     if arch == "matryoshka":
         out.append(f"model.group_sizes=[{','.join(map(str, GROUP_SIZES))}]")
@@ -47,12 +47,12 @@ def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_di
 
 
 def build_config(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path, steps: int | None = None,
-                 lr: float = 4e-4):
+                 lr: float = 4e-4, dtype: str = "float32"):
     """The resolved Config, through the training CLI's own argument and config handling."""
     from train.__main__ import build_config as cli_build_config
     from train.__main__ import parse_args
 
-    overrides = common_overrides(arch, cache, layer, batch_size, runs_dir, steps, lr)
+    overrides = common_overrides(arch, cache, layer, batch_size, runs_dir, steps, lr, dtype)
     args = parse_args(["--model", arch, "--overwrite", *overrides])
     return cli_build_config(args)
 
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="result JSON to write")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=4e-4, help="Adam lr, constant (the common setting: 4e-4)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="training.dtype (bfloat16: autocast, float32 master weights; not the common setting)")
     p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
     a = p.parse_args(argv)
     set_threads(a.threads)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.run import train
 
     steps = meta.n_batches if meta.n_batches < meta.epoch_batches else None  # a cut-short stream
-    cfg = build_config(a.arch, meta.cache, meta.layer, meta.batch_size, a.work / "runs", steps, a.lr)
+    cfg = build_config(a.arch, meta.cache, meta.layer, meta.batch_size, a.work / "runs", steps, a.lr, a.dtype)
     clock = StepClock(meta.n_batches, Gate.from_arg(a.gate))
     result = train(cfg, after_step=[lambda state: clock.step_end()], say=lambda msg: print(msg, file=sys.stderr))
     if result.state.tokens != meta.train_rows:
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate(infer, heldout_chunks(a.work, meta), model.d_sae)
     summary = json.loads((result.run_dir / "train_summary.json").read_text())
     doc = {
-        "impl": "ours", "arch": a.arch, "threads": torch.get_num_threads(), **rates, **metrics,
+        "impl": "ours" if a.dtype == "float32" else f"ours ({a.dtype} autocast)", "arch": a.arch,
+        "threads": torch.get_num_threads(), **rates, **metrics,
         "peak_rss_bytes": peak_rss_bytes(),
         "threshold": float(model.threshold) if hasattr(model, "threshold") else None,
         "own_report": {"tokens_per_s": summary.get("tokens_per_s"), "heldout": summary.get("heldout")},
