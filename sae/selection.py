@@ -108,6 +108,10 @@ def select_threshold(a: Tensor, theta: float) -> Selection:
 @torch.no_grad()
 def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
     """AuxK: per-row top k_aux of z [B, M] among latents where dead_mask [M] is True.
-    k_aux must not exceed the number of dead latents (so every pick is dead)."""
-    masked = z.masked_fill(~dead_mask, float("-inf"))
-    return select_topk(masked, k_aux)
+    k_aux must not exceed the number of dead latents (so every pick is dead).
+
+    The top-k runs over the dead columns only: masking the live ones to -inf and searching all M
+    columns cost a second full-width top-k per step, which halved a CPU step when many were dead."""
+    dead_cols = dead_mask.nonzero().squeeze(1)
+    sub = select_topk(z.index_select(1, dead_cols), k_aux)
+    return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1])
