@@ -18,6 +18,10 @@ Matryoshka groups [192, 384, 768, 1728].
    implementation alike (only a worker's own steps are timed). `--sequential` runs them one by one.
 3. Medians over repeats; ratios ours / best peer; goals checked and printed (not asserted).
 
+`--lr` runs every implementation at another common lr (the lr a parametrisation needs differs between
+libraries; bench/RESULTS.md sweeps it). `--impl ... ours-bf16` adds our trainer in bf16 autocast,
+reported beside the float32 comparison, never as a peer.
+
     bash bench/setup_peers.sh                       # once
     .venv/bin/python bench/bench_peers.py           # everything, 2 repeats
     .venv/bin/python bench/bench_peers.py --steps 20 --repeats 1   # a quick smoke run
