@@ -1,5 +1,9 @@
 """`python -m train --model gated [--config configs/default.yaml] [--cache PATH] [--resume] [--overwrite]
-[section.key=value ...]`: the base config, then `configs/sae/<model>.yaml`, then the overrides.
+[section.key=value ...]`: the preset `configs/sae/<model>.yaml`, then the config file, then the overrides.
+
+The preset holds an architecture's tuned defaults; the config file says what the experiment is, so a
+key it sets wins over the preset (configs/qwen3-1.7b.yaml's 65,536 latents and lr, say), except the
+SAE type, which MODEL decides. configs/default.yaml therefore sets no SAE hyperparameter.
 
 MODEL is a preset name (a file in configs/sae/) or any name the SAE registry knows; an unknown one
 is refused with the list of valid names. Exit status: 0 done, 1 a run that could not start or
@@ -29,6 +33,17 @@ def valid_models(presets: Path = PRESETS) -> list[str]:
     return sorted(set(preset_names(presets)) | set(sae.registry.aliases()))
 
 
+def preset_type(preset: Path) -> str:
+    """The SAE type a preset file names (`model.type`)."""
+    from settings.load import parse_yaml
+
+    doc = parse_yaml(preset.read_text())
+    try:
+        return str(doc["model"]["type"])
+    except (KeyError, TypeError):
+        raise ConfigError(f"preset {preset} sets no model.type") from None
+
+
 def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tuple[list[Path], list[str]]:
     """(YAML files to merge, extra overrides) for MODEL; raises ConfigError for an unknown MODEL."""
     import sae
@@ -36,7 +51,7 @@ def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tupl
     files = [base] if base is not None else []
     preset = presets / f"{model}.yaml"
     if preset.is_file():
-        return files + [preset], []
+        return [preset, *files], [f"model.type={preset_type(preset)}"]
     try:
         sae.canonical(model)
     except ValueError:

@@ -1,8 +1,8 @@
 """Peer-benchmark worker (runs in .venv): the project's own trainer on one architecture.
 
 Training goes through the project's Python API exactly as `python -m train --model <arch>` would
-(the CLI's own config resolution: configs/default.yaml, then the preset in configs/sae/ if there is
-one, then the overrides below for the common setting), reading the cache with its own loader. The
+(the CLI's own config resolution: the preset in configs/sae/, then configs/default.yaml, then
+the overrides below for the common setting), reading the cache with its own loader. The
 row order it sees is the one bench_peers.py wrote to the stream file from the same loader settings.
 Evaluation: the saved SAE, reloaded from disk, in inference mode on the held-out rows.
 

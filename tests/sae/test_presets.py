@@ -6,13 +6,15 @@ import pytest
 
 from sae import SAEConfig, get, registry
 from settings.load import load_config
+from train.__main__ import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "route", "route_matryoshka"])
 def test_preset_builds_its_sae(name):
-    cfg = load_config([ROOT / "configs" / "default.yaml", ROOT / "configs" / "sae" / f"{name}.yaml"])
+    files, overrides = config_files(name, ROOT / "configs" / "default.yaml")  # as `make train MODEL=name` does
+    cfg = load_config(files, overrides)
     m = cfg.model
     assert registry.canonical(m.type) == registry.canonical(name)
     routed = name.startswith("route")

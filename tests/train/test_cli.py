@@ -14,7 +14,7 @@ from sae import load_sae
 from settings import load_config
 from tests.train.cache_fixtures import write_cache
 from tests.train.run_fixtures import TINY, alias_of, canonical_types, overrides_for
-from train.__main__ import main
+from train.__main__ import build_config, main, parse_args
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,3 +143,14 @@ def test_overrides_may_come_between_options():
     args = parse_args(["--model", "gated", "training.lr=1e-3", "--config", "configs/default.yaml", "model.k=8"])
     assert args.model == "gated" and str(args.config) == "configs/default.yaml"
     assert args.overrides == ["training.lr=1e-3", "model.k=8"]
+
+
+def test_the_config_file_wins_over_the_preset_and_model_picks_the_type(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("model:\n  type: topk\n  latent_size: 65536\n  k: 64\ntraining:\n  lr: 2.0e-4\n")
+    cfg = build_config(parse_args(["--model", "gated", "--config", str(user)]))
+    assert cfg.model.type == "gated"  # MODEL, not the file's type
+    assert (cfg.model.latent_size, cfg.model.k, cfg.training.lr) == (65536, 64, 2e-4)  # the file's keys
+    assert cfg.training.betas == [0.0, 0.999] and cfg.training.l1_coefficient == 0.7  # the preset's others
+    default = build_config(parse_args(["--model", "gated", "--config", str(ROOT / "configs" / "default.yaml")]))
+    assert (default.model.latent_size, default.training.lr) == (3072, 1e-3)  # the default sets no SAE key
