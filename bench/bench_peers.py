@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(PEERS))
 
 from ours_worker import build_config  # noqa: E402
+from runmeter import COMMON_LR as DEFAULT_LR  # noqa: E402
 from streamfile import StreamMeta, write_meta, write_split  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "peers"
@@ -60,7 +61,6 @@ WORKERS = {"ours": "ours_worker.py", "ours-bf16": "ours_worker.py", "saelens": "
 # the common setting's float32, so it is reported beside the comparison and never counted as a peer.
 WORKER_ARGS = {"ours-bf16": ["--dtype", "bfloat16"]}
 OURS = ("ours", "ours-bf16")
-DEFAULT_LR = 4e-4  # ANCHORS.md's common setting
 PLAN = {"topk": ["ours", "saelens", "sparsify"], "batchtopk": ["ours", "saelens"], "matryoshka": ["ours", "saelens"]}
 
 

@@ -24,6 +24,7 @@ sys.path.insert(1, str(HERE.parents[1]))
 
 import torch  # noqa: E402
 from ours_worker import build_config  # noqa: E402
+from runmeter import COMMON_LR  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-norm", type=float, default=1.0)
     p.add_argument("--free-norm", action="store_true")
     p.add_argument("--rescale", action="store_true")
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=COMMON_LR)
     p.add_argument("--cache", default="cache/minilm-default")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=Path, default=HERE.parents[1] / "bench" / "_work" / "probe")

@@ -11,7 +11,6 @@ Evaluation: the saved SAE, reloaded from disk, in inference mode on the held-out
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(1, str(ROOT))
 
 import torch  # noqa: E402
 from heldout_eval import evaluate  # noqa: E402
-from runmeter import Gate, StepClock, peak_rss_bytes, set_threads, write_result  # noqa: E402
+from runmeter import COMMON_LR, Gate, StepClock, peak_rss_bytes, set_threads, worker_parser, write_result  # noqa: E402
 from streamfile import heldout_chunks, load_meta  # noqa: E402
 
 GROUP_SIZES = [192, 384, 768, 1728]  # Matryoshka groups of the common setting
@@ -30,7 +29,7 @@ ARCHES = ("topk", "batchtopk", "matryoshka")
 
 
 def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path,
-                     steps: int | None = None, lr: float = 4e-4, dtype: str = "float32") -> list[str]:
+                     steps: int | None = None, lr: float = COMMON_LR, dtype: str = "float32") -> list[str]:
     """The common setting (ANCHORS.md) on top of the trainer's defaults; everything else is its own.
     One pass (`num_epochs=1`), or the first `steps` batches of it for a quick run."""
     out = [
@@ -47,7 +46,7 @@ def common_overrides(arch: str, cache: str, layer: int, batch_size: int, runs_di
 
 
 def build_config(arch: str, cache: str, layer: int, batch_size: int, runs_dir: Path, steps: int | None = None,
-                 lr: float = 4e-4, dtype: str = "float32"):
+                 lr: float = COMMON_LR, dtype: str = "float32"):
     """The resolved Config, through the training CLI's own argument and config handling."""
     from train.__main__ import build_config as cli_build_config
     from train.__main__ import parse_args
@@ -58,15 +57,9 @@ def build_config(arch: str, cache: str, layer: int, batch_size: int, runs_dir: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=ARCHES, required=True)
-    p.add_argument("--work", type=Path, required=True, help="folder holding stream.json (bench_peers.py)")
-    p.add_argument("--out", type=Path, required=True, help="result JSON to write")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=4e-4, help="Adam lr, constant (the common setting: 4e-4)")
+    p = worker_parser(__doc__.splitlines()[0], ARCHES)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="training.dtype (bfloat16: autocast, float32 master weights; not the common setting)")
-    p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
     a = p.parse_args(argv)
     set_threads(a.threads)
     meta = load_meta(a.work)

@@ -9,12 +9,28 @@ and only a worker's own steps are timed, not its waits.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import time
 from pathlib import Path
 from typing import Any
+
+COMMON_LR = 4e-4  # ANCHORS.md's common setting
+
+
+def worker_parser(description: str, arches: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The command line every worker takes from bench_peers.py; a worker adds its own options."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--arch", choices=arches, default=arches[0] if len(arches) == 1 else None,
+                   required=len(arches) > 1)
+    p.add_argument("--work", type=Path, required=True, help="folder holding stream.json (bench_peers.py)")
+    p.add_argument("--out", type=Path, required=True, help="result JSON to write")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=COMMON_LR, help="Adam lr, constant (the common setting: 4e-4)")
+    p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
+    return p
 
 
 class Gate:

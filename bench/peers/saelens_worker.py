@@ -13,17 +13,16 @@ TopK stays TopK; BatchTopK and Matryoshka become JumpReLU with the learned globa
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from heldout_eval import evaluate
-from runmeter import Gate, StepClock, peak_rss_bytes, set_threads, write_result
+from runmeter import COMMON_LR, Gate, StepClock, peak_rss_bytes, set_threads, worker_parser, write_result
 from streamfile import StreamMeta, heldout_chunks, load_meta, train_batches
 
-D_SAE, K, LR = 3072, 32, 4e-4
+D_SAE, K = 3072, 32
 GROUP_SIZES = [192, 384, 768, 1728]
 ARCHES = ("topk", "batchtopk", "matryoshka")
 
@@ -41,7 +40,7 @@ def make_sae(arch: str, d_in: int):
     return sae_lens.MatryoshkaBatchTopKTrainingSAE(cfg)
 
 
-def fit(sae, meta: StreamMeta, work: Path, clock: StepClock, lr: float = LR):
+def fit(sae, meta: StreamMeta, work: Path, clock: StepClock, lr: float = COMMON_LR):
     from sae_lens import LoggingConfig, SAETrainer
     from sae_lens.config import SAETrainerConfig
 
@@ -72,13 +71,7 @@ def inference_model(trained, folder: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=ARCHES, required=True)
-    p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=LR, help="Adam lr, constant (the common setting: 4e-4)")
-    p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
+    p = worker_parser(__doc__.splitlines()[0], ARCHES)
     a = p.parse_args(argv)
     set_threads(a.threads)
     meta = load_meta(a.work)

@@ -12,19 +12,18 @@ steps). Its eager CPU decoder (embedding_bag) is what runs here: Triton is not i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from heldout_eval import evaluate
-from runmeter import Gate, StepClock, peak_rss_bytes, set_threads, write_result
+from runmeter import COMMON_LR, Gate, StepClock, peak_rss_bytes, set_threads, worker_parser, write_result
 from streamfile import StreamMeta, heldout_chunks, load_meta, train_batches
 
-D_SAE, K, LR = 3072, 32, 4e-4
+D_SAE, K = 3072, 32
 
 
-def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = LR) -> None:
+def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = COMMON_LR) -> None:
     opt = torch.optim.Adam(coder.parameters(), lr=lr)
     for step, x in enumerate(train_batches(work, meta, scale=meta.scale)):
         if step == 0:
@@ -40,13 +39,7 @@ def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = LR)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=("topk",), default="topk")
-    p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=LR, help="Adam lr, constant (the common setting: 4e-4)")
-    p.add_argument("--gate", default=None, help="GO_FD,READY_FD: take turns with other workers (bench_peers.py)")
+    p = worker_parser(__doc__.splitlines()[0], ("topk",))
     a = p.parse_args(argv)
     set_threads(a.threads)
     meta = load_meta(a.work)
