@@ -23,14 +23,6 @@ EXPECTED_PATH = {"gpt2": "transformer.h", "llama": "model.layers", "qwen3": "mod
                  "gptneox": "gpt_neox.layers", "minilm": "encoder.layer"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the 2-core machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ CAUSAL = ("gpt2", "llama", "qwen3", "gemma", "gptneox")
 DEVICE = os.environ.get("HARVEST_TEST_DEVICE", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the 2-core machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def _write_corpus(path: Path, n_docs: int) -> Path:

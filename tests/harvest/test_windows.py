@@ -14,16 +14,6 @@ from harvest.text import PackedSequence
 from harvest.windows import group_windows, plan_window, window_permutation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the 2-core machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-
 class _Block(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor]:
         return (h + torch.tensor([0.0, 0.0, 1.0]),)  # channel 2 counts the blocks run
