@@ -115,7 +115,8 @@ def bf16_autocast_available(device: torch.device) -> bool:
         return True
     if device.type != "cpu":
         return False
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent means no
+    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
 
 
 def make_optimizer(sae: BaseSAE, t: TrainingConfig) -> torch.optim.Adam:
