@@ -2,13 +2,19 @@
 
 For a sample of latents (grouped by Matryoshka group where there are groups): the top-activating
 contexts over the whole held-out split, with the token highlighted, the latent's firing density,
-and, for causal LMs, the output tokens its decoder direction promotes most (direct logit
-attribution through the unembedding, final norm ignored).
+and, for causal LMs, the output tokens its decoder direction promotes and suppresses most: its
+decoder row through the unembedding, with the final norm's gain folded in (direct logit
+attribution as Neuronpedia shows it, through TransformerLens's `fold_ln`; the normalisation's
+division by the norm of the whole residual is a positive factor and does not change the order).
+Contexts are shown as the tokenizer decodes them: each token's piece is what it adds to the
+decoded text (so WordPiece's `##` joins words, byte-level BPE's spaces and multi-byte characters
+come out right).
 """
 
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 import torch
@@ -50,10 +56,63 @@ def top_activations(sae: torch.nn.Module, cache: object, features: list[int], k:
     return best_v, best_i
 
 
-def promoted_tokens(sae: torch.nn.Module, unembed: Tensor, features: list[int], n: int = 6) -> Tensor:
-    """[F, n] token ids whose logits each feature's decoder row raises most. unembed: [V, d]."""
+# Attribute paths of the norm applied before the LM head, in the families harvest knows.
+FINAL_NORM_PATHS = ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                    "model.decoder.final_layer_norm", "model.final_layernorm")
+
+
+def output_directions(model: torch.nn.Module) -> Tensor | None:
+    """The unembedding [V, d] with the final norm's per-dimension gain folded in (Gemma's norms scale
+    by 1 + weight), or None when the model has no output embedding (an encoder)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    w_u = head.weight.detach().float()
+    for path in FINAL_NORM_PATHS:
+        try:
+            norm = model.get_submodule(path)
+        except AttributeError:
+            continue
+        gain = getattr(norm, "weight", None)
+        if isinstance(gain, Tensor) and gain.shape == (w_u.shape[1],):
+            gain = gain.detach().float() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
+            return w_u * gain
+    return w_u
+
+
+def logit_effects(sae: torch.nn.Module, unembed: Tensor, features: list[int], n: int = 8) -> tuple[Tensor, Tensor]:
+    """([F, n] token ids each feature's decoder row raises most, [F, n] ids it lowers most: lowest
+    first). unembed: [V, d], e.g. `output_directions(model)`."""
     w = sae.W_dec[features].detach().float()  # [F, d]
-    return (w @ unembed.float().T).topk(n, dim=1).indices
+    logits = w @ unembed.float().T  # [F, V]
+    return logits.topk(n, dim=1).indices, logits.topk(n, dim=1, largest=False).indices
+
+
+def token_pieces(ids: list[int], tokenizer: object | None) -> list[str]:
+    """What each token adds to `tokenizer.decode(ids)`, in order; the pieces join to the decoded
+    text. A token whose bytes complete a character that earlier tokens began (byte-level BPE) takes
+    the whole character, and those earlier tokens show nothing. Without a tokenizer: "[id]"."""
+    if tokenizer is None:
+        return [f"[{int(t)}]" for t in ids]
+    pieces: list[str] = []
+    for i in range(len(ids)):
+        now = tokenizer.decode(ids[: i + 1])
+        done = "".join(pieces)
+        if not now.startswith(done):  # an earlier piece changed (a completed character): cut back to the agreement
+            pieces = _trim(pieces, len(os.path.commonprefix([done, now])))
+            done = "".join(pieces)
+        pieces.append(now[len(done):])
+    return pieces
+
+
+def _trim(pieces: list[str], n: int) -> list[str]:
+    """`pieces` cut so that they join to their first `n` characters."""
+    out, used = [], 0
+    for p in pieces:
+        take = max(min(len(p), n - used), 0)
+        out.append(p[:take])
+        used += take
+    return out
 
 
 def write_dashboard(path: str | Path, sae: torch.nn.Module, cache: object, result: dict, cfg: object,
@@ -64,19 +123,22 @@ def write_dashboard(path: str | Path, sae: torch.nn.Module, cache: object, resul
     features = choose_features(density, ev.dashboard_features)
     vals, rows = top_activations(sae, cache, features, ev.dashboard_contexts, ev.batch_size)
     toks = heldout_tokens(cache)
-    promoted = promoted_tokens(sae, unembed, features) if unembed is not None else None
+    effects = logit_effects(sae, unembed, features) if unembed is not None else None
     groups = _groups(sae.cfg.group_sizes, sae.cfg.latent_size)
     parts = [_HEAD.format(title=html.escape(f"{result['run']}: feature dashboard"))]
     parts.append(f"<h1>{html.escape(result['run'])}</h1><p>{html.escape(result['sae']['type'])}, block(s) "
                  f"{result['sae']['layers']}, {len(features)} features shown of {len(density)}; contexts are the "
                  f"top activations over {int(result['metrics']['tokens']):,} held-out tokens.</p>")
+    if effects is not None:
+        parts.append("<p>Promoted / suppressed: the output tokens whose logits the latent's decoder direction raises / "
+                     "lowers most (through the unembedding, the final norm's gain folded in).</p>")
     for g_lo, g_hi in groups:
         members = [i for i, f in enumerate(features) if g_lo <= f < g_hi]
         if len(groups) > 1:
             parts.append(f"<h2>group latents {g_lo}..{g_hi - 1}</h2>")
         for i in members:
             parts.append(_feature_html(features[i], float(density[features[i]]), vals[i], rows[i], toks, tokenizer,
-                                       None if promoted is None else promoted[i]))
+                                       None if effects is None else (effects[0][i], effects[1][i])))
     parts.append(_TAIL)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -96,29 +158,33 @@ def _groups(group_sizes: list[int] | None, m: int) -> list[tuple[int, int]]:
 
 
 def _token_text(tid: int, tokenizer: object | None) -> str:
-    if tokenizer is None:
-        return f"[{tid}]"
-    return tokenizer.convert_ids_to_tokens(int(tid)).replace("Ġ", " ").replace("▁", " ")
+    """One output token as the tokenizer decodes it alone (repr: leading spaces show)."""
+    return repr(tokenizer.decode([int(tid)])) if tokenizer is not None else f"[{int(tid)}]"
 
 
 def _context(row: int, toks: dict[str, Tensor], tokenizer: object | None) -> str:
+    """The stored tokens within WINDOW positions of `row` in its sequence, decoded, the row's own
+    token highlighted."""
     seq, pos = int(toks["sequence"][row]), int(toks["position"][row])
     sel = (toks["sequence"] == seq) & ((toks["position"] - pos).abs() <= WINDOW)
     order = toks["position"][sel].argsort()
+    positions = toks["position"][sel][order].tolist()
+    pieces = token_pieces(toks["token_ids"][sel][order].tolist(), tokenizer)
     out = []
-    for p, t in zip(toks["position"][sel][order].tolist(), toks["token_ids"][sel][order].tolist(), strict=True):
-        text = html.escape(_token_text(t, tokenizer))
+    for p, piece in zip(positions, pieces, strict=True):
+        text = html.escape(piece)
         out.append(f'<span class="hit">{text}</span>' if p == pos else f"<span>{text}</span>")
     return "".join(out)
 
 
 def _feature_html(feature: int, density: float, vals: Tensor, rows: Tensor, toks: dict[str, Tensor],
-                  tokenizer: object | None, promoted: Tensor | None) -> str:
+                  tokenizer: object | None, effects: tuple[Tensor, Tensor] | None) -> str:
     lines = [f'<section class="feature" data-feature="{feature}"><h3>latent {feature}</h3>'
              f'<p class="density">fires on {density:.3%} of held-out tokens</p>']
-    if promoted is not None:
-        words = ", ".join(html.escape(repr(_token_text(t, tokenizer))) for t in promoted.tolist())
-        lines.append(f'<p class="promoted">promotes: {words}</p>')
+    if effects is not None:
+        for cls, label, ids in (("promoted", "promotes", effects[0]), ("suppressed", "suppresses", effects[1])):
+            words = "".join(f"<code>{html.escape(_token_text(t, tokenizer))}</code> " for t in ids.tolist())
+            lines.append(f'<p class="{cls}">{label}: {words}</p>')
     lines.append("<table>")
     for v, r in zip(vals.tolist(), rows.tolist(), strict=True):
         if r < 0 or v <= 0:
@@ -136,6 +202,8 @@ section.feature {{ border: 1px solid #ccc; border-radius: 6px; padding: 0.5em 1e
 td.act {{ font-family: monospace; padding-right: 1em; color: #555; }}
 td.ctx {{ font-family: monospace; white-space: pre-wrap; }}
 span.hit {{ background: #fd8; font-weight: bold; }}
+p.promoted code {{ background: #def; margin-right: 0.3em; }}
+p.suppressed code {{ background: #fdd; margin-right: 0.3em; }}
 #filter {{ margin-bottom: 1em; }}
 </style></head><body>
 <input id="filter" placeholder="latent number" aria-label="filter by latent number">

@@ -90,9 +90,9 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
 
         result["plots"] = [str(p) for p in write_run_plots(run_dir, result)]
     if dashboard:
-        from evaluate.dashboard import write_dashboard
+        from evaluate.dashboard import output_directions, write_dashboard
 
-        unembed = lm.model.get_output_embeddings().weight if lm is not None and lm.causal else None
+        unembed = output_directions(lm.model) if lm is not None and lm.causal else None
         result["dashboard"] = str(write_dashboard(run_dir / DASHBOARD_FILE, sae, c, result, cfg, tok, unembed))
     write_json(run_dir / EVAL_FILE, result)
     return result
@@ -106,7 +106,11 @@ def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str |
     from harvest.tokenization import load_tokenizer
 
     model_meta, harvest_cfg = c.metadata.get("model"), c.metadata.get("config")
-    path = (model_meta.get("resolved") if isinstance(model_meta, dict) else None) or cfg.model.language_model_path
+    meta = model_meta if isinstance(model_meta, dict) else {}
+    # The folder harvest loaded, if it is still here (a converted GGUF folder may have been cleared from
+    # the user cache: then the name harvest was given converts it again).
+    resolved = meta.get("resolved")
+    path = resolved if resolved and Path(resolved).exists() else meta.get("requested") or cfg.model.language_model_path
     revision = harvest_cfg["model"].get("revision") if isinstance(harvest_cfg, dict) and "model" in harvest_cfg \
         else cfg.model.revision
     try:

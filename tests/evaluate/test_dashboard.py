@@ -72,3 +72,37 @@ def test_renders_in_headless_chromium(page):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+
+
+def test_wordpiece_contexts_are_decoded_not_glued():
+    """MiniLM's WordPiece pieces read as words: `##` continuations join the previous piece."""
+    from tiny_models import tiny_tokenizer
+
+    from evaluate.dashboard import token_pieces
+
+    tok = tiny_tokenizer("minilm")
+    ids = tok("tokenization of unbelievably long words", add_special_tokens=False)["input_ids"]
+    assert any(t.startswith("##") for t in tok.convert_ids_to_tokens(ids))  # the sample has continuations
+    pieces = token_pieces(ids, tok)
+    assert "".join(pieces) == tok.decode(ids) == "tokenization of unbelievably long words"
+    assert not any("##" in p for p in pieces) and len(pieces) == len(ids)
+    assert token_pieces([5, 6], None) == ["[5]", "[6]"]
+
+
+@pytest.mark.parametrize("kind,offset", [("llama", 0.0), ("gpt2", 0.0), ("gemma", 1.0)])
+def test_output_directions_fold_the_final_norm_gain(kind, offset):
+    """The unembedding scaled per dimension by the final norm's gain (Gemma's norms scale by 1 + weight);
+    an encoder has none."""
+    from tiny_models import tiny_model
+
+    from evaluate.dashboard import output_directions
+
+    model = tiny_model(kind)
+    norm = {"llama": "model.norm", "gpt2": "transformer.ln_f", "gemma": "model.norm"}[kind]
+    gain = model.get_submodule(norm).weight
+    with torch.no_grad():
+        gain.copy_(torch.linspace(0.5, 2.0, gain.numel()))
+    got = output_directions(model)
+    want = model.get_output_embeddings().weight * (torch.linspace(0.5, 2.0, gain.numel()) + offset)
+    torch.testing.assert_close(got, want)
+    assert output_directions(tiny_model("minilm")) is None
