@@ -31,3 +31,7 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+# The real SmolLM2 model and a small real harvest of it, shared by every package's tests.
+from tests.smollm2_fixtures import smollm2, smollm2_cache  # noqa: E402, F401
