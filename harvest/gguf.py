@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,7 +131,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise TextError(f"loading a GGUF model needs the `gguf` and `accelerate` packages ({e.name} is missing): "
                         f"pip install -e '.[gguf]' (make venv installs them)") from e
     tqdm.write(f"converting {gguf.name} once into a local model folder under {out.parent} (de-quantising all "
-               f"tensors: about a minute for a 100 MB file on a 2-core CPU)")
+               f"tensors: about a minute for a 100 MB file on a 2-core CPU)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
