@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import durable, manifest, shardio
+import durable
+
+from . import manifest, shardio
 from .checksum import shard_size
 from .manifest import ManifestError
 from .names import MANIFEST, SPLITS, TMP_PREFIX, is_cache_file, parse_shard_name, stat_keys

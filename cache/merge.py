@@ -20,7 +20,9 @@ import os
 import re
 from pathlib import Path
 
-from . import durable, manifest
+import durable
+
+from . import manifest
 from .checksum import shard_size
 from .folder import _read_sums, identity_diff
 from .manifest import ManifestError

@@ -9,9 +9,11 @@ import re
 
 import torch
 
+import durable
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = durable.TMP_PREFIX  # temporaries of the durable writes
 SPLITS: tuple[str, ...] = ("train", "heldout")
 BACKENDS: tuple[str, ...] = ("safetensors", "zarr")
 SHARD_SUFFIX = {"safetensors": ".safetensors", "zarr": ".zarr"}

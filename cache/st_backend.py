@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import durable
+import durable
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from durable import describe_os_error
+
 from . import folder as folder_mod
 from . import manifest, shardio
 from .buffer import ShardAssembler
-from .durable import describe_os_error
 from .names import (
     BACKENDS,
     SPLITS,

@@ -14,7 +14,9 @@ import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from . import checksum, durable
+import durable
+
+from . import checksum
 
 CHUNK_ROWS = 1024
 DTYPE_ATTR = "saecache_dtype"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import durable
 from evaluate.downstream import heldout_tokens
 from evaluate.heldout import iter_batches
 
@@ -79,9 +80,7 @@ def write_dashboard(path: str | Path, sae: torch.nn.Module, cache: object, resul
                                        None if promoted is None else promoted[i]))
     parts.append(_TAIL)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    durable.atomic_write_text(path, "".join(parts))
     return path
 
 

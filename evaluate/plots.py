@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+import durable  # noqa: E402
+
 PLOTS_DIR = "plots"
 CURVES = (("loss", "loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
 
@@ -108,5 +110,5 @@ def _save(fig: plt.Figure, out: Path) -> Path:
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    durable.publish(tmp, out)
     return out

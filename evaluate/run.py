@@ -7,14 +7,13 @@ trainer writes them; writes `eval.json`, `plots/*.png` and `dashboard.html` besi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
 
 import cache
+import durable
 from evaluate.heldout import heldout_metrics
 from sae import load_sae
 from settings import Config, load_config
@@ -129,19 +128,8 @@ def _downstream(lm: object, tok: object, sae: object, c: object, cfg: Config) ->
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a crash never leaves half an eval.json."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+    """Atomic write (durable): a crash never leaves half an eval.json."""
+    durable.atomic_write_json(path, data, indent=1)
 
 
 _TABLE_ROWS = [

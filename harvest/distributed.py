@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import cache
-from cache import durable
+import durable
 from cache import manifest as manifest_mod
 from cache.merge import DISTRIBUTED_KEY, PLAN, finish_merge, merge_pending, merge_ranks, rank_folder, rank_folders
 from cache.names import MANIFEST, is_cache_file

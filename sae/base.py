@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+import durable
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
@@ -255,10 +256,9 @@ class BaseSAE(nn.Module, ABC):
         # Both files are complete on disk under temporary names before either replaces an old one.
         tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
         save_file(tensors, str(tmp_w))
-        _fsync(tmp_w)
-        _write_synced(tmp_c, text)
-        tmp_w.replace(path / WEIGHTS_FILE)
-        tmp_c.replace(path / CONFIG_FILE)
+        durable.write_synced(tmp_c, text)
+        durable.publish(tmp_w, path / WEIGHTS_FILE)
+        durable.publish(tmp_c, path / CONFIG_FILE)
         return path
 
 
@@ -330,15 +330,3 @@ def kaiming_unit_rows(d_sae: int, d_in: int, generator: torch.Generator | None =
     """A [d_sae, d_in] decoder with random directions of unit norm."""
     w = torch.randn(d_sae, d_in, generator=generator) / math.sqrt(d_in)
     return w / w.norm(dim=1, keepdim=True)
-
-
-def _fsync(target: Path) -> None:
-    with open(target, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _write_synced(target: Path, data: bytes) -> None:
-    with open(target, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+import durable
 from settings.schema import Config
 
 
@@ -75,10 +76,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    durable.atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -6,8 +6,6 @@ Outputs in `<output_dir>/<run_name>/`: `config.yaml` (resolved), `metrics.jsonl`
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 import cache as cache_mod
+import durable
 from settings import Config, ConfigError, save_config, to_dict
 from train.build import (
     BuildError,
@@ -278,14 +277,5 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "heldout": heldout,
         "threshold_calibration": calibration,
     }
-    _write_json(run.run_dir / SUMMARY_FILE, summary)
+    durable.atomic_write_json(run.run_dir / SUMMARY_FILE, summary)
     return summary
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
