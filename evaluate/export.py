@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sae import load_sae
+from train.layout import EVAL_FILE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -88,7 +89,7 @@ def export_saelens(sae_dir: str | Path, out: str | Path, density: list[float] | 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
     (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
     if density is None:
-        density = _density_from_eval(Path(sae_dir).parent / "eval.json")
+        density = _density_from_eval(Path(sae_dir).parent / EVAL_FILE)
     if density is not None:
         logd = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in density], dtype=torch.float32)
         save_file({"sparsity": logd}, str(out / SPARSITY_FILE))

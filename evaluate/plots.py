@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 import durable  # noqa: E402
+from train.layout import METRICS_FILE, PLOTS_DIR  # noqa: E402
 
-PLOTS_DIR = "plots"
 CURVES = (("loss", "loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
 
 
@@ -99,7 +99,7 @@ def write_run_plots(run_dir: Path, result: dict) -> list[Path]:
     """All of one run's plots into `run_dir/plots/`; returns the files written."""
     folder = Path(run_dir) / PLOTS_DIR
     folder.mkdir(exist_ok=True)
-    written = [training_curves(read_metrics(Path(run_dir) / "metrics.jsonl"), folder / "training_curves.png"),
+    written = [training_curves(read_metrics(Path(run_dir) / METRICS_FILE), folder / "training_curves.png"),
                density_plot(result["density_histogram"], folder / "feature_density.png")]
     if "route" in result:
         written.append(layer_usage_plot(result["route"], folder / "layer_usage.png"))

@@ -16,25 +16,20 @@ import cache
 import durable
 from evaluate.heldout import heldout_metrics
 from sae import load_sae
+from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
 from settings import Config, load_config
-
-SAE_DIR = "sae"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-PLOTS_DIR = "plots"
-DASHBOARD_FILE = "dashboard.html"
+from train.layout import CONFIG_FILE, DASHBOARD_FILE, EVAL_FILE, SAE_DIR
 
 
 def find_run(run: str | None, output_dir: str = "runs") -> Path:
     """`run` if given (it must hold sae/sae.json), else the most recently trained run under `output_dir`."""
     if run:
         path = Path(run)
-        if not (path / SAE_DIR / "sae.json").is_file():
-            raise FileNotFoundError(f"{path} is not a finished training run (no {SAE_DIR}/sae.json); "
+        if not (path / SAE_DIR / SAE_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a finished training run (no {SAE_DIR}/{SAE_CONFIG_FILE}); "
                                     f"pass RUN=runs/<run> of a run that `make train` completed")
         return path
-    runs = sorted(Path(output_dir).glob(f"*/{SAE_DIR}/sae.json"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(Path(output_dir).glob(f"*/{SAE_DIR}/{SAE_CONFIG_FILE}"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise FileNotFoundError(f"no finished run under {output_dir}/; run `make train` first, or pass RUN=runs/<run>")
     return runs[-1].parent.parent
@@ -120,10 +115,9 @@ def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str |
 def _downstream(lm: object, tok: object, sae: object, c: object, cfg: Config) -> dict:
     from evaluate.downstream import downstream_fidelity
     from evaluate.sequences import Specials
-    from harvest.tokenization import special_layout
+    from harvest.tokenization import pad_id, special_layout
 
-    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id) if t is not None), 0)
-    specials = Specials.from_layout(special_layout(tok), pad=pad)
+    specials = Specials.from_layout(special_layout(tok), pad=pad_id(tok))
     return downstream_fidelity(lm, sae, c, specials, n_sequences=cfg.evaluate.downstream_sequences)
 
 

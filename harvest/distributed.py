@@ -30,12 +30,11 @@ import torch.distributed as dist
 import cache
 import durable
 from cache import manifest as manifest_mod
-from cache.merge import DISTRIBUTED_KEY, PLAN, finish_merge, merge_pending, merge_ranks, rank_folder, rank_folders
-from cache.names import MANIFEST, is_cache_file
+from cache.merge import DISTRIBUTED_KEY, finish_merge, merge_pending, merge_ranks, rank_folder, rank_folders
+from cache.names import MANIFEST, MERGE_PLAN, SPLITS, is_cache_file
 from harvest.model import HarvestError
 from harvest.run import (
     FINISHED_KEY,
-    SPLITS,
     HarvestSummary,
     _existing_manifest,
     _prepare,
@@ -162,7 +161,7 @@ def _settle(cfg: object, run: object, out: Path, world: int) -> str:
 def _remove_parent_cache(out: Path) -> None:
     """--overwrite of the merged cache: only the cache's own files (FORMAT.md section 6)."""
     for entry in out.iterdir():
-        if is_cache_file(entry.name) or entry.name == PLAN:
+        if is_cache_file(entry.name) or entry.name == MERGE_PLAN:
             durable.remove_path(entry)
     durable.fsync_dir(out)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from harvest.tokenization import looks_like_local_path
+from settings.device import resolve_device
 
 # Attribute paths of the block list in the families we know, most specific first.
 KNOWN_BLOCK_PATHS = (
@@ -59,19 +60,6 @@ class LoadedModel:
     dtype: torch.dtype  # compute dtype
     device: torch.device  # where inputs go (the embedding's device)
     causal: bool  # loaded through AutoModelForCausalLM
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if visible, else cpu; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise HarvestError(f"harvest.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarvestError(f"harvest.device={name} but no CUDA device is visible; use harvest.device=cpu (or auto)")
-    return device
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -263,7 +251,7 @@ def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", d
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = load_config(path, revision=revision, trust_remote_code=trust_remote_code)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="harvest.device")
     torch_dtype = resolve_dtype(dtype, dev)
     causal = _is_causal_lm(config)
     auto = AutoModelForCausalLM if causal else AutoModel

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import cache
 from cache import merge
+from cache.names import SPLITS
 from harvest import text
 from harvest.capture import WindowSink, compute_window
 from harvest.identity import build_identity, build_metadata
@@ -42,13 +43,13 @@ from harvest.model import (
     load_config,
     load_model,
     parse_layers,
-    resolve_device,
     resolve_dtype,
 )
+from harvest.tokenization import pad_id
 from harvest.windows import group_windows, plan_window
 from settings import to_dict
+from settings.device import resolve_device
 
-SPLITS = ("train", "heldout")
 SEGMENT_KEY = "harvest_segment"
 FINISHED_KEY = "harvest_finished"
 
@@ -200,14 +201,6 @@ def harvest_stream(lm: LoadedModel, sequences: object, writer: cache.CacheWriter
     return next_seq
 
 
-def _pad_id(tokenizer: object) -> int:
-    # Padding is masked out and never cached; any valid id will do when the tokenizer has none.
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def harvest(cfg: object, *, progress: bool = True, owns: Callable[[str, int], bool] | None = None,
             extra_metadata: dict | None = None) -> HarvestSummary:
     """Run stage 1 for `cfg` (a settings.Config): fresh, resumed, extended or a no-op. An existing
@@ -295,7 +288,7 @@ def _prepare(cfg: object) -> _Run:
         raise HarvestError(f"cannot tell the block count or width of model {mc.language_model_path} (its config "
                            f"has no num_hidden_layers/n_layer or hidden_size/n_embd)")
     layers = parse_layers(hv.layers, n_blocks)
-    device = resolve_device(hv.device)
+    device = resolve_device(hv.device, key="harvest.device")
     compute_dtype = resolve_dtype(hv.dtype, device)
     store_dtype = compute_dtype if hv.store_dtype == "auto" else resolve_dtype(hv.store_dtype, device,
                                                                                 key="harvest.store_dtype")
@@ -330,7 +323,7 @@ def _run_segment(cfg: object, lm: LoadedModel, run: _Run, writer: cache.CacheWri
     try:
         next_seq = harvest_stream(lm, stream, writer, layers=run.layers, store_dtype=run.store_dtype,
                                   seed=cfg.data.seed, batch_size=hv.batch_size, shuffle_window=hv.shuffle_window,
-                                  starts=starts, offsets=offsets, pad_id=_pad_id(run.tokenizer), progress=bar,
+                                  starts=starts, offsets=offsets, pad_id=pad_id(run.tokenizer), progress=bar,
                                   owns=owns)
         writer.flush()
         rows = {s: writer.rows_written(s) for s in SPLITS}

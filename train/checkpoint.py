@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import durable
+from train.layout import CHECKPOINT_DIR, CHECKPOINT_RE, checkpoint_name
+from train.layout import CHECKPOINT_STATE_FILE as STATE_FILE
+from train.layout import CHECKPOINT_TMP_PREFIX as TMP_PREFIX
 
 FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.json"
 GROUPS = ("model", "optimizer", "state")  # one safetensors file each
-TMP_PREFIX = ".tmp-"
 KEEP = 2
-_NAME_RE = re.compile(r"^step-(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
@@ -50,16 +48,12 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able scalars
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first (temporaries are never listed)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 

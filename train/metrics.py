@@ -17,8 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 import durable
-
-METRICS_FILE = "metrics.jsonl"
+from train.layout import METRICS_FILE
 
 
 class MetricsLog:

@@ -17,6 +17,7 @@ import torch
 import cache as cache_mod
 import durable
 from settings import Config, ConfigError, save_config, to_dict
+from settings.device import resolve_device
 from train.build import (
     BuildError,
     LayerChoice,
@@ -33,6 +34,7 @@ from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
 from train.heldout import heldout_summary
+from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from train.loop import (
     TRAINING_DTYPES,
     LoopHooks,
@@ -47,10 +49,6 @@ from train.metrics import MetricsLog
 from train.plan import PlanError, RunPlan, describe, plan_run
 from train.resume import checkpoint_of, resolved_config, restore
 from train.rundir import RunDirError, prepare_run_dir
-
-SAE_DIR = "sae"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "train_summary.json"
 
 
 class TrainError(RuntimeError):
@@ -129,7 +127,7 @@ def _setup(cfg: Config) -> _Run:
         sae_config(cfg.model, d_in, choice)  # refuse a bad model section before touching any folder
     except BuildError as e:
         raise TrainError(str(e)) from e
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, key="training.device")
     notes = dtype_notes(t.dtype, device)
     dp = DataParallel.start(device)
     if dp is not None:
@@ -173,15 +171,6 @@ def open_training_cache(path: str) -> Any:
         return cache_mod.open(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise TrainError(f"cannot train on training.cache={path}: {e}") from e
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"training.device={name} but CUDA is not available; use training.device=cpu or auto")
-    return device
 
 
 def dtype_notes(dtype: str, device: torch.device) -> list[str]:
