@@ -1,5 +1,17 @@
 """The contract every SAE in the zoo keeps, and the machinery they share.
 
+The SAE owns its training behaviour: every hook the trainer calls has its default here, and an
+architecture overrides what it does differently (train/ names no architecture):
+- `forward`/`loss` (and `sparse_acts`: whether the training forward may skip the dense latents);
+- `fired` (which latents count as alive for the dead-latent counters and AuxK);
+- `update_after_step` (every step, e.g. JumpReLU's theta >= 0) and `estimate_threshold` (from
+  `training.threshold_start_step` on: BatchTopK's running inference threshold);
+- `calibrate` (after training, from a few training batches: BatchTopK's final threshold);
+- `routed` (reads [B, n_layers, d_in] from several cache layers) and `resolve_settings` (defaults
+  implied by the type, checks of its own settings at config load);
+- `use_collective` / `global_losses` (data parallelism: cross-rank selection, global normalisers);
+- `to_saelens` (the SAELens layout of its weights, for export).
+
 Units: an SAE is applied to *raw* activations. Training normalises each layer by one scalar
 (`input_scale`, so that E||x * scale|| = sqrt(d) on the training split); the scale is a buffer
 saved with the weights, so a saved SAE needs nothing else.
@@ -14,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import durable
+from sae.collective import LOCAL, Collective, GlobalBatch, global_batch
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
@@ -138,6 +152,9 @@ class BaseSAE(nn.Module, ABC):
     # True where `forward(x, dense_acts=False)` skips the dense [B, d_sae] `feature_acts` (the
     # TopK family's training fast path; `fired` then reads the kept indices).
     sparse_acts: ClassVar[bool] = False
+    # Loss terms that are not means over tokens (AuxK's ratio). Under data parallelism
+    # `global_losses` turns each into this rank's share: the sum of the shares / W is the global value.
+    ratio_terms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -155,6 +172,7 @@ class BaseSAE(nn.Module, ABC):
         self.cfg = cfg
         # One scalar per routed layer (one for single-layer SAEs): x_normalised = x_raw * scale.
         self.register_buffer("input_scale", torch.ones(cfg.n_layers))
+        self.collective: Collective = LOCAL
 
     @property
     def d_in(self) -> int:
@@ -208,7 +226,48 @@ class BaseSAE(nn.Module, ABC):
         return (out["feature_acts"] != 0).any(dim=0)
 
     def update_after_step(self, out: dict[str, Tensor]) -> None:  # noqa: B027 - optional hook
-        """Per-step state outside the optimiser (BatchTopK's inference threshold)."""
+        """Per-step state outside the optimiser, after every optimiser step (JumpReLU: theta >= 0)."""
+
+    def estimate_threshold(self, out: dict[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Update a running estimate of an inference threshold from a training step's output. The
+        trainer calls it after each step from `training.threshold_start_step` on (BatchTopK family)."""
+
+    def calibrate(self, batches: Iterable[Tensor]) -> dict[str, float] | None:
+        """After training: set inference state from raw training batches (iterated lazily: an SAE
+        with nothing to calibrate reads none). Returns what changed, for the SAE's meta, or None."""
+        return None
+
+    def use_collective(self, collective: Collective) -> None:
+        """Train as one rank of a data-parallel run whose reductions `collective` performs."""
+        self.collective = collective
+
+    def global_losses(self, out: dict[str, Tensor], losses: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+        """This rank's loss terms -> (terms whose `total`, once gradients are averaged over ranks,
+        back-propagates as the global batch's loss; the global batch size). Every term is a mean over
+        tokens unless named in `ratio_terms`; `fvu` becomes the global batch's."""
+        g = global_batch(out, self.collective)
+        terms = dict(losses)
+        terms["total"] = g.token_weight * losses["total"]
+        terms["fvu"] = g.fvu().to(losses["total"].dtype)
+        return self.global_ratio_terms(out, losses, terms, g), g.n
+
+    def global_ratio_terms(self, out: dict[str, Tensor], losses: dict[str, Tensor], terms: dict[str, Tensor],
+                           g: GlobalBatch) -> dict[str, Tensor]:
+        """Correct `terms` (already token-weighted) for the terms in `ratio_terms`; none by default."""
+        return terms
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """(SAELens architecture, its float32 weights with `input_scale` folded in, extra cfg.json keys).
+        Refused by default: only architectures with a SAELens counterpart override it."""
+        raise ValueError(f"{type(self).type_name} has no SAELens counterpart; it cannot be exported")
+
+    def _saelens_folded(self, enc: str = "W_enc", transpose: bool = False) -> dict[str, Tensor]:
+        """W_enc' = s W_enc (as [d_in, d_sae]), W_dec' = W_dec / s, b_dec' = b_dec / s; pre-activations,
+        hence thresholds, are unchanged. `transpose` for encoders kept as [d_sae, d_in]."""
+        s = float(self.input_scale[0])
+        p = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
+        w_enc = p[enc].T if transpose else p[enc]
+        return {**p, "W_enc": (w_enc * s).contiguous(), "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
 
     @torch.no_grad()
     def set_input_scale(self, scale: Tensor | float) -> None:

@@ -141,6 +141,11 @@ class JumpReLUSAE(BaseSAE):
         l0 = step(out["pre_acts"], self.threshold, self.cfg.bandwidth).sum(dim=-1).mean()
         return {"mse": mse, "l0": l0, "total": mse + l1_coefficient * l0}
 
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """SAELens "jumprelu" (theta as it is: pre-activations are unchanged by the folded scale)."""
+        p = self._saelens_folded()
+        return "jumprelu", {k: p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}, {}
+
     @torch.no_grad()
     def update_after_step(self, out: dict[str, Tensor]) -> None:
         """Project theta onto theta >= 0 (see the module docstring)."""

@@ -28,6 +28,8 @@ layers, so it has no single raw unit).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -122,6 +124,9 @@ class _Routed:
         """NMSE_tok: mean over tokens of ||target - recon||^2 / ||target||^2."""
         per_token = (target - recon).pow(2).sum(dim=-1) / target.pow(2).sum(dim=-1).clamp_min(1e-12)
         return per_token.mean()
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        raise ValueError(f"{type(self).type_name} has no SAELens counterpart: SAELens has no routed SAE")
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

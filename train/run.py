@@ -29,7 +29,7 @@ from train.build import (
     resolve_layers,
     sae_config,
 )
-from train.calibrate import calibrate_threshold
+from train.calibrate import calibration_batches
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
@@ -189,7 +189,7 @@ def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.
     if t.dtype == "float64":
         model = model.to(torch.float64)
     if run.dp is not None:
-        run.dp.make_selection_global(model)
+        model.use_collective(run.dp)
     optimizer = make_optimizer(model, t)
     state = TrainState.fresh(model.d_sae, run.device)
     ckpt = latest_checkpoint(run.run_dir) if run.resume else None
@@ -251,8 +251,8 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
     t = run.cfg.training
     meta = provenance(run.cache, run.choice, [float(s) for s in model.input_scale.tolist()], run.run_dir.name)
     meta["training"] = {"steps": state.step, "tokens": state.tokens, "seed": t.seed}
-    calibration = calibrate_threshold(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
-                                      device=run.device)
+    calibration = model.calibrate(calibration_batches(run.cache, run.choice.loader_layers,
+                                                      batch_size=t.batch_size, device=run.device))
     if calibration is not None:
         meta["threshold_calibration"] = calibration
     model.save(run.run_dir / SAE_DIR, meta=meta)

@@ -12,7 +12,15 @@ from safetensors.torch import load_file
 import sae as zoo
 import train.run as run_mod
 from tests.train.cache_fixtures import write_cache
-from tests.train.run_fixtures import TINY, ProbeSAE, canonical_types, overrides_for, tiny_config
+from tests.train.run_fixtures import (
+    TINY,
+    ProbeSAE,
+    canonical_types,
+    overrides_for,
+    tiny_config,
+    tiny_input_shape,
+    tiny_sae,
+)
 from train.checkpoint import list_checkpoints, read_checkpoint
 from train.heldout import heldout_summary
 from train.loop import (
@@ -22,7 +30,6 @@ from train.loop import (
     TrainState,
     batch_metrics,
     bf16_autocast_available,
-    estimates_threshold,
     run_loop,
     train_step,
 )
@@ -121,13 +128,25 @@ def test_batch_metrics_match_the_formulas():
     assert (m["loss"], m["mse"]) == (3.0, 2.0)
 
 
-def test_threshold_hooks_are_classified():
-    # JumpReLU's hook keeps theta >= 0 and must run from step 0; BatchTopK's estimates theta.
-    expected = {"JumpReLUSAE": False, "TopKSAE": False, "BatchTopKSAE": True, "MatryoshkaSAE": True,
-                "RouteSAE": False, "RouteMatryoshkaSAE": True}
-    for name in canonical_types():
-        if name in expected:
-            assert estimates_threshold(zoo.get(name)) == expected[name], name
+@pytest.mark.parametrize("name", canonical_types())
+def test_the_loop_calls_each_hook_when_it_should(name):
+    # Every registered type, none skipped: `update_after_step` after every step (JumpReLU keeps
+    # theta >= 0 from step 0), `estimate_threshold` only from threshold_start_step on.
+    from settings import TrainingConfig
+
+    model = tiny_sae(name)
+    calls: dict[str, list[int]] = {"update_after_step": [], "estimate_threshold": []}
+    state = TrainState.fresh(model.d_sae)
+    for hook, seen in calls.items():
+        real = getattr(model, hook)
+        setattr(model, hook, lambda out, real=real, seen=seen: (seen.append(state.step), real(out)))
+    t = TrainingConfig(batch_size=32, steps=6, threshold_start_step=3, log_every=100)
+    plan = plan_run(t, 64, 2)
+    stepper = Stepper.from_config(model, torch.optim.Adam(model.parameters(), lr=1e-3), plan, t, torch.device("cpu"))
+    x = torch.randn(32, *tiny_input_shape(model))
+    for _ in range(6):
+        train_step(stepper, x, state)
+    assert calls == {"update_after_step": [0, 1, 2, 3, 4, 5], "estimate_threshold": [3, 4, 5]}
 
 
 @pytest.mark.skipif("BatchTopKSAE" not in canonical_types(), reason="sae/batchtopk.py not registered yet")
