@@ -6,6 +6,7 @@ import math
 import operator
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,21 @@ class Cache:
         if single:
             return reader.get(layer_key(wanted[0]), start, stop)
         return torch.stack([reader.get(layer_key(L), start, stop) for L in wanted], dim=1)
+
+    def iter_rows(self, split: str, layers: int | list[int], batch_size: int,
+                  max_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """The first `max_rows` rows of `split` (all by default) in stored order, `batch_size` at a time
+        (batches do not cross shards): [b, d_model] for one layer, [b, len(layers), d_model] for a list."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        left = self.num_rows(split) if max_rows is None else min(max_rows, self.num_rows(split))
+        for info in self.shards(split):
+            for start in range(0, info.rows, batch_size):
+                if left <= 0:
+                    return
+                stop = min(info.rows, start + batch_size, start + left)
+                left -= stop - start
+                yield self.read(split, info.index, layers, start, stop)
 
     def read_tokens(self, split: str, shard: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
         """token_ids int32 [n], sequence int64 [n], position int32 [n], document int64 [n] (read-only)."""

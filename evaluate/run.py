@@ -58,6 +58,7 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
     """Evaluate `run_dir` and write eval.json (and plots, dashboard). Returns the eval.json content."""
     run_dir = Path(run_dir)
     sae, meta = load_sae(run_dir / SAE_DIR, device=device)
+    sae.eval()  # every metric, the splice and the dashboard use the SAE's inference mode
     if not sae.cfg.layers and meta.get("layers"):
         sae.cfg.layers = list(meta["layers"])
     c = open_run_cache(meta, cfg)

@@ -16,6 +16,10 @@ import torch
 
 import cache as cache_mod
 import durable
+from cache import Cache
+from cache.names import HELDOUT
+from sae import BaseSAE
+from sae.measure import measure
 from settings import Config, ConfigError, save_config, to_dict
 from settings.device import resolve_device
 from train.build import (
@@ -33,7 +37,6 @@ from train.calibrate import calibration_batches
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
-from train.heldout import heldout_summary
 from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from train.loop import (
     TRAINING_DTYPES,
@@ -245,6 +248,17 @@ def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainS
     finally:
         if log is not None:
             log.close()
+
+
+def heldout_summary(model: BaseSAE, cache: Cache, layers: int | list[int], *, batch_size: int,
+                    device: torch.device | str = "cpu", max_rows: int | None = None) -> dict[str, Any]:
+    """{rows, fvu, l0, dead_fraction} on the held-out split in the SAE's inference mode: the figures
+    of stage 3's eval.json (sae.measure), from the same implementation."""
+    rows = cache.num_rows(HELDOUT) if max_rows is None else min(max_rows, cache.num_rows(HELDOUT))
+    if rows <= 0:
+        return {"rows": 0, "fvu": None, "l0": None, "dead_fraction": None}
+    m = measure(model, cache.iter_rows(HELDOUT, layers, batch_size, max_rows), device=device)["metrics"]
+    return {"rows": m["tokens"], "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"]}
 
 
 def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:

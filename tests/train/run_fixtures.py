@@ -88,5 +88,6 @@ class ProbeSAE(VanillaSAE):
         self.calls: list[tuple[float, Tensor]] = []
 
     def loss(self, out, *, l1_coefficient=0.0, dead_mask=None):
-        self.calls.append((l1_coefficient, dead_mask.clone()))
+        if dead_mask is not None:  # training calls; held-out metrics pass none
+            self.calls.append((l1_coefficient, dead_mask.clone()))
         return super().loss(out, l1_coefficient=l1_coefficient, dead_mask=dead_mask)

@@ -22,7 +22,6 @@ from tests.train.run_fixtures import (
     tiny_sae,
 )
 from train.checkpoint import list_checkpoints, read_checkpoint
-from train.heldout import heldout_summary
 from train.loop import (
     LoopHooks,
     NonFiniteLossError,
@@ -35,7 +34,7 @@ from train.loop import (
 )
 from train.metrics import read_metrics
 from train.plan import plan_run
-from train.run import TrainError, train
+from train.run import TrainError, heldout_summary, train
 from train.schedule import make_lr_schedule
 from train.tensor_loader import TensorLoader
 
