@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     from evaluate.run import EVAL_FILE, evaluate_run, find_run, format_table, run_config
+    from settings.describe import describe, help_formatter
 
-    p = argparse.ArgumentParser(prog="python -m evaluate", description="Evaluate a training run.")
+    p = argparse.ArgumentParser(prog="python -m evaluate", description="Evaluate a training run.",
+                                epilog=describe(["evaluate"]), formatter_class=help_formatter)
     p.add_argument("run", nargs="?", help="run folder (default: the latest under training.output_dir)")
     p.add_argument("--config", action="append", default=[], help="extra config YAML (after the run's own)")
     p.add_argument("--no-downstream", action="store_true", help="skip rerunning the language model")

@@ -27,7 +27,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,110 +37,11 @@ from torch import Tensor, nn
 
 import durable
 from sae.collective import LOCAL, Collective, GlobalBatch, global_batch
+from sae.config import SAEConfig, SAESettings
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
 FORMAT_VERSION = 1
-
-
-_INT_KEYS = ("hidden_size", "latent_size", "k", "n_layers")
-_FLOAT_KEYS = ("threshold", "bandwidth", "aux_k_coef", "threshold_momentum")
-_STR_KEYS = ("type", "base_sae_type", "routing", "aggre", "decode_impl")
-
-
-@dataclass
-class SAEConfig:
-    """What defines an SAE's shape and math. Keys follow the original SAEs README."""
-
-    type: str
-    hidden_size: int  # d_in
-    latent_size: int  # d_sae
-    k: int = 32  # TopK family: active latents per token (BatchTopK: on average)
-    threshold: float = 0.001  # JumpReLU: initial theta
-    bandwidth: float = 0.001  # JumpReLU: STE rectangle width epsilon
-    group_sizes: list[int] | None = None  # Matryoshka: nested group sizes, sum == latent_size
-    base_sae_type: str = "topk"  # Route*: the shared SAE ("topk" or "matryoshka")
-    routing: str = "hard"  # Route*: "hard" | "soft"
-    aggre: str = "sum"  # Route*: "sum" | "mean" router input
-    n_layers: int = 1  # Route*: number of routed layers; 1 for single-layer SAEs
-    aux_k: int | None = None  # AuxK latents; None -> hidden_size // 2
-    aux_k_coef: float = 1.0 / 32.0
-    threshold_momentum: float = 0.99  # BatchTopK / Matryoshka: EMA of the inference threshold
-    layers: list[int] = field(default_factory=list)  # cache blocks this SAE reads (provenance)
-    # TopK family: "sparse" (embedding_bag decode, sparse backward), "dense" (GEMMs), or "auto"
-    # (sparse where bench/bench_sae_decode.py measured it faster). Speed only: the math is the same.
-    decode_impl: str = "auto"
-
-    def validate(self) -> None:
-        self._check_types()
-        if self.hidden_size <= 0 or self.latent_size <= 0:
-            raise ValueError("hidden_size and latent_size must be positive")
-        if not 0 < self.k <= self.latent_size:
-            raise ValueError(f"k={self.k} must be in 1..latent_size={self.latent_size}")
-        if self.group_sizes is not None:
-            if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
-                raise ValueError(f"group_sizes {self.group_sizes} must be a non-empty list of positive sizes")
-            if sum(self.group_sizes) != self.latent_size:
-                raise ValueError(
-                    f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, "
-                    f"but latent_size is {self.latent_size}; make them add up"
-                )
-        if self.routing not in ("hard", "soft"):
-            raise ValueError(f"routing must be 'hard' or 'soft', got {self.routing!r}")
-        if self.aggre not in ("sum", "mean"):
-            raise ValueError(f"aggre must be 'sum' or 'mean', got {self.aggre!r}")
-        if self.base_sae_type not in ("topk", "matryoshka"):
-            raise ValueError(f"base_sae_type must be 'topk' or 'matryoshka', got {self.base_sae_type!r}")
-        if self.decode_impl not in ("auto", "sparse", "dense"):
-            raise ValueError(f"decode_impl must be 'auto', 'sparse' or 'dense', got {self.decode_impl!r}")
-        if self.n_layers < 1:
-            raise ValueError("n_layers must be >= 1")
-        if self.layers and len(self.layers) != self.n_layers:
-            raise ValueError(f"layers {self.layers} do not match n_layers={self.n_layers}")
-        if self.aux_k is not None and self.aux_k <= 0:
-            raise ValueError(f"aux_k={self.aux_k} must be positive (or null for hidden_size // 2)")
-        if not 0.0 <= self.threshold_momentum < 1.0:
-            raise ValueError(f"threshold_momentum={self.threshold_momentum} must be in [0, 1)")
-
-    def _check_types(self) -> None:
-        # Configs also arrive from sae.json files on disk: wrong types must fail here, by name.
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_int_list(v: Any) -> bool:
-            return isinstance(v, list) and all(is_int(i) for i in v)
-
-        for key in _INT_KEYS:
-            if not is_int(getattr(self, key)):
-                raise TypeError(f"SAE config key {key!r} must be an integer, got {getattr(self, key)!r}")
-        for key in _FLOAT_KEYS:
-            v = getattr(self, key)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
-                raise TypeError(f"SAE config key {key!r} must be a finite number, got {v!r}")
-        for key in _STR_KEYS:
-            if not isinstance(getattr(self, key), str):
-                raise TypeError(f"SAE config key {key!r} must be a string, got {getattr(self, key)!r}")
-        if self.aux_k is not None and not is_int(self.aux_k):
-            raise TypeError(f"SAE config key 'aux_k' must be an integer or null, got {self.aux_k!r}")
-        if self.group_sizes is not None and not is_int_list(self.group_sizes):
-            raise TypeError(f"SAE config key 'group_sizes' must be a list of integers, got {self.group_sizes!r}")
-        if not is_int_list(self.layers):
-            raise TypeError(f"SAE config key 'layers' must be a list of integers, got {self.layers!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"an SAE config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SAE config keys {unknown}; known: {sorted(known)}")
-        missing = sorted(k for k in ("type", "hidden_size", "latent_size") if k not in data)
-        if missing:
-            raise ValueError(f"SAE config lacks required keys {missing}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
 
 
 class BaseSAE(nn.Module, ABC):
@@ -173,6 +74,11 @@ class BaseSAE(nn.Module, ABC):
         # One scalar per routed layer (one for single-layer SAEs): x_normalised = x_raw * scale.
         self.register_buffer("input_scale", torch.ones(cfg.n_layers))
         self.collective: Collective = LOCAL
+
+    @classmethod
+    def check_settings(cls, settings: SAESettings) -> None:  # noqa: B027 - optional hook
+        """This architecture's own rules on its settings, checked when a config is loaded and when the
+        SAE is built (raise ValueError naming the key and the fix). None by default."""
 
     @property
     def d_in(self) -> int:

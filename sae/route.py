@@ -28,13 +28,14 @@ layers, so it has no single raw unit).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.base import SAEConfig, geometric_median
+from sae.base import SAEConfig, SAESettings, geometric_median
 from sae.matryoshka import MatryoshkaSAE
 from sae.registry import register
 from sae.sparse_decode import densify
@@ -48,13 +49,19 @@ class _Routed:
     recon_name = "nmse"
     base_sae_type = "topk"
 
-    def _init_router(self, cfg: SAEConfig) -> None:
-        if cfg.base_sae_type != self.base_sae_type:
-            other = "route_matryoshka" if cfg.base_sae_type == "matryoshka" else "route"
+    @classmethod
+    def check_settings(cls, settings: SAESettings) -> None:
+        super().check_settings(settings)  # type: ignore[misc]
+        if settings.base_sae_type not in (None, cls.base_sae_type):
             raise ValueError(
-                f"{type(self).type_name} shares a {self.base_sae_type!r} SAE, but model.base_sae_type is "
-                f"{cfg.base_sae_type!r}; use type {other} or set base_sae_type: {self.base_sae_type}"
+                f"{cls.type_name} shares a {cls.base_sae_type!r} SAE, but model.base_sae_type is "
+                f"{settings.base_sae_type!r}; use type {'route_matryoshka' if cls.base_sae_type == 'topk' else 'route'}"
+                f" or set base_sae_type: {cls.base_sae_type} (or leave it unset)"
             )
+
+    def _init_router(self, cfg: SAEConfig) -> None:
+        if cfg.base_sae_type is None:  # the one this type implies, recorded in sae.json
+            self.cfg = replace(self.cfg, base_sae_type=self.base_sae_type)
         self.router = nn.Linear(cfg.hidden_size, cfg.n_layers, bias=False)
         if self.router.out_features != cfg.n_layers:  # the router's size is the routed layer count
             raise AssertionError("router size must equal n_layers")

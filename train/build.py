@@ -82,21 +82,12 @@ def check_d_in(m: ModelConfig, d_model: int) -> int:
 
 
 def sae_config(m: ModelConfig, d_in: int, choice: LayerChoice) -> SAEConfig:
-    """The SAE's own config from the `model` section (SAEConfig validates it)."""
-    cfg = SAEConfig(
-        type=zoo.canonical(m.type), hidden_size=d_in, latent_size=m.latent_size, k=m.k, threshold=m.threshold,
-        bandwidth=m.bandwidth, group_sizes=m.group_sizes, routing=m.routing, decode_impl=m.decode_impl,
-        aggre=m.aggre, n_layers=len(choice.layers), aux_k=m.aux_k, aux_k_coef=m.aux_k_coef,
-        threshold_momentum=m.threshold_momentum, layers=list(choice.layers),
-    )
-    # Unset: the one the type implies (a class attribute of the routed SAEs).
-    implied = getattr(zoo.get(cfg.type), "base_sae_type", cfg.base_sae_type)
-    cfg.base_sae_type = m.base_sae_type if m.base_sae_type is not None else implied
+    """The SAE's config: the `model` section's SAE settings (validated when the config was loaded)
+    plus d_in and the layers read."""
     try:
-        cfg.validate()
-    except ValueError as e:
+        return SAEConfig.from_settings(m, hidden_size=d_in, layers=choice.layers)
+    except (TypeError, ValueError) as e:
         raise BuildError(f"model section: {e}") from e
-    return cfg
 
 
 def build_sae(m: ModelConfig, d_in: int, choice: LayerChoice, scales: list[float], seed: int) -> BaseSAE:
