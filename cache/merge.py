@@ -25,10 +25,16 @@ from . import manifest
 from .checksum import shard_size
 from .folder import _read_sums, identity_diff
 from .manifest import ManifestError
-from .names import MANIFEST, MERGE_PLAN, RANK_RE, SPLITS, parse_shard_name, rank_folder_name, shard_name
+from .names import (
+    MANIFEST,
+    MERGE_PLAN,
+    RANK_RE,
+    SPLITS,
+    parse_shard_name,
+    rank_folder_name,
+    shard_name,
+)
 from .stats import SplitStats
-
-DISTRIBUTED_KEY = "distributed"
 
 
 class MergeError(ValueError):

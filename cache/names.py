@@ -16,6 +16,7 @@ MANIFEST = "manifest.json"
 TMP_PREFIX = durable.TMP_PREFIX  # temporaries of the durable writes
 TRAIN, HELDOUT = "train", "heldout"
 MERGE_PLAN = "merge-plan.json"  # a distributed harvest's merge in progress (cache/merge.py)
+DISTRIBUTED_KEY = "distributed"  # manifest metadata of a distributed harvest's caches (rank, world size)
 RANK_RE = re.compile(r"^rank-(\d+)$")  # `rank-<r>/`: rank r's own cache during a distributed harvest
 SPLITS: tuple[str, ...] = (TRAIN, HELDOUT)
 BACKENDS: tuple[str, ...] = ("safetensors", "zarr")

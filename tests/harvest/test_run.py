@@ -320,9 +320,11 @@ def test_different_identity_refused_unless_overwrite(models, corpus, tmp_path, c
     out = tmp_path / "c"
     harvest(_cfg(models("gpt2"), corpus, out), progress=False)
     manifest_before = (out / "manifest.json").read_bytes()
-    with pytest.raises(HarvestError, match=r"different settings \(layers differ\).*--overwrite"):
+    with pytest.raises(HarvestError, match=r"different settings: .*layers \(\[0, 1, 2\] in the cache, \[0, 1\] requested\)"
+                                           r".*--overwrite"):
         harvest(_cfg(models("gpt2"), corpus, out, "harvest.layers=0:2"), progress=False)
-    with pytest.raises(HarvestError, match=r"\(harvest.backend, harvest.shard_rows differ\)"):  # layout, not identity
+    with pytest.raises(HarvestError, match=r"different settings: backend \('safetensors' in the cache, 'zarr' "
+                                           r"requested\); shard_rows"):  # layout, not identity
         harvest(_cfg(models("gpt2"), corpus, out, "harvest.backend=zarr", "harvest.shard_rows=64"), progress=False)
     assert main(["--quiet", *_args(models("gpt2"), corpus, out), "harvest.layers=0:2"]) == 2
     assert "use --overwrite" in capsys.readouterr().err
