@@ -320,8 +320,9 @@ def test_different_identity_refused_unless_overwrite(models, corpus, tmp_path, c
     out = tmp_path / "c"
     harvest(_cfg(models("gpt2"), corpus, out), progress=False)
     manifest_before = (out / "manifest.json").read_bytes()
-    with pytest.raises(HarvestError, match=r"different settings: .*layers \(\[0, 1, 2\] in the cache, \[0, 1\] requested\)"
-                                           r".*--overwrite"):
+    with pytest.raises(HarvestError,
+                       match=r"different settings: .*layers \(\[0, 1, 2\] in the cache, \[0, 1\] requested\)"
+                             r".*--overwrite"):
         harvest(_cfg(models("gpt2"), corpus, out, "harvest.layers=0:2"), progress=False)
     with pytest.raises(HarvestError, match=r"different settings: backend \('safetensors' in the cache, 'zarr' "
                                            r"requested\); shard_rows"):  # layout, not identity
