@@ -1,6 +1,7 @@
 # The front door. Every target creates the environment first if it is missing.
 #   make demo                      the whole pipeline on the offline default (CPU, no network)
 #   make test                      the test suite
+#   make check                     ruff, the type checker (mypy) and the tests
 #   make harvest [CONFIG=...] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make evaluate [RUN=runs/<run>]
@@ -22,7 +23,7 @@ STAMP := $(VENV)/.installed
 OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(v)))),$(v)))
 FLAGS = $(if $(OVERWRITE),--overwrite) $(if $(RESUME),--resume)
 
-.PHONY: venv demo test harvest train evaluate compare info verify lint check saelens-env
+.PHONY: venv demo test harvest train evaluate compare info verify lint types check saelens-env
 
 venv: $(STAMP)
 
@@ -74,4 +75,8 @@ verify: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-check: lint test
+# The type checker over the product packages (files and settings in pyproject.toml, [tool.mypy]).
+types: venv
+	$(VENV)/bin/mypy
+
+check: lint types test

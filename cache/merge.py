@@ -69,7 +69,7 @@ def _load_ranks(out: Path, world: int) -> list[dict]:
     if extra:
         raise MergeError(f"{out} holds rank folders {extra} beyond world size {world}: the harvest was started "
                          f"with more processes; rerun with that many, or use --overwrite")
-    loaded = []
+    loaded: list[dict] = []
     for r in range(world):
         folder = rank_folder(out, r)
         try:

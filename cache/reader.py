@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
 from .stats import LayerStats, from_manifest
 
 
-def _index(value: object) -> int | None:
+def _index(value: Any) -> int | None:
     """value as an int if it is an integer (Python or numpy), else None; bools are not indices."""
     if isinstance(value, bool):
         return None
@@ -105,7 +106,8 @@ class Cache:
         return info, reader
 
     def _check_shard(self, info: ShardInfo, reader: shardio.ShardReader) -> None:
-        expected = {layer_key(L): (self.dtype, (info.rows, self.d_model)) for L in self.layers}
+        expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            layer_key(L): (self.dtype, (info.rows, self.d_model)) for L in self.layers}
         expected.update({n: (dt, (info.rows,)) for n, dt in TOKEN_FIELDS.items()})
         for name, spec in expected.items():
             got = reader.spec(name)
@@ -133,7 +135,7 @@ class Cache:
         to it crashes the process). A list of layers -> [n, len(layers), d_model], a copy, in list order.
         """
         single = not isinstance(layers, list | tuple)
-        wanted = [self._layer(layers)] if single else [self._layer(x) for x in layers]
+        wanted = [self._layer(x) for x in layers] if isinstance(layers, list | tuple) else [self._layer(layers)]
         if not wanted:
             raise ValueError("layers must name at least one layer")
         info, reader = self._shard(split, shard)

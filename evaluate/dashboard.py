@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 import durable
+from cache import Cache
 from evaluate.downstream import heldout_tokens
 from evaluate.heldout import iter_batches
+from sae import BaseSAE
+from settings import Config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WINDOW = 8  # tokens of context each side
 
@@ -31,7 +38,7 @@ def choose_features(density: Tensor, n: int, seed: int = 0) -> list[int]:
 
 
 @torch.no_grad()
-def top_activations(sae: torch.nn.Module, cache: object, features: list[int], k: int,
+def top_activations(sae: BaseSAE, cache: Cache, features: list[int], k: int,
                     batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     """Over the whole held-out split: (values [F, k], global row index [F, k]) of each feature's
     k largest activations (rows in split order: shard by shard)."""
@@ -51,14 +58,14 @@ def top_activations(sae: torch.nn.Module, cache: object, features: list[int], k:
     return best_v, best_i
 
 
-def promoted_tokens(sae: torch.nn.Module, unembed: Tensor, features: list[int], n: int = 6) -> Tensor:
+def promoted_tokens(sae: BaseSAE, unembed: Tensor, features: list[int], n: int = 6) -> Tensor:
     """[F, n] token ids whose logits each feature's decoder row raises most. unembed: [V, d]."""
     w = sae.W_dec[features].detach().float()  # [F, d]
     return (w @ unembed.float().T).topk(n, dim=1).indices
 
 
-def write_dashboard(path: str | Path, sae: torch.nn.Module, cache: object, result: dict, cfg: object,
-                    tokenizer: object | None = None, unembed: Tensor | None = None) -> Path:
+def write_dashboard(path: str | Path, sae: BaseSAE, cache: Cache, result: dict, cfg: Config,
+                    tokenizer: PreTrainedTokenizerBase | None = None, unembed: Tensor | None = None) -> Path:
     """Write the HTML page for `sae` on `cache` (result: the run's eval dict); returns its path."""
     ev = cfg.evaluate
     density = torch.tensor(result["feature_density"], dtype=torch.float64)
@@ -94,13 +101,14 @@ def _groups(group_sizes: list[int] | None, m: int) -> list[tuple[int, int]]:
     return out
 
 
-def _token_text(tid: int, tokenizer: object | None) -> str:
+def _token_text(tid: int, tokenizer: PreTrainedTokenizerBase | None) -> str:
     if tokenizer is None:
         return f"[{tid}]"
-    return tokenizer.convert_ids_to_tokens(int(tid)).replace("Ġ", " ").replace("▁", " ")
+    piece = tokenizer.convert_ids_to_tokens(int(tid))
+    return str(piece).replace("Ġ", " ").replace("▁", " ")
 
 
-def _context(row: int, toks: dict[str, Tensor], tokenizer: object | None) -> str:
+def _context(row: int, toks: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase | None) -> str:
     seq, pos = int(toks["sequence"][row]), int(toks["position"][row])
     sel = (toks["sequence"] == seq) & ((toks["position"] - pos).abs() <= WINDOW)
     order = toks["position"][sel].argsort()
@@ -112,7 +120,7 @@ def _context(row: int, toks: dict[str, Tensor], tokenizer: object | None) -> str
 
 
 def _feature_html(feature: int, density: float, vals: Tensor, rows: Tensor, toks: dict[str, Tensor],
-                  tokenizer: object | None, promoted: Tensor | None) -> str:
+                  tokenizer: PreTrainedTokenizerBase | None, promoted: Tensor | None) -> str:
     lines = [f'<section class="feature" data-feature="{feature}"><h3>latent {feature}</h3>'
              f'<p class="density">fires on {density:.3%} of held-out tokens</p>']
     if promoted is not None:

@@ -11,14 +11,21 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cache
 import durable
+from cache import Cache
 from evaluate.heldout import heldout_metrics
-from sae import load_sae
+from sae import BaseSAE, load_sae
 from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
 from settings import Config, load_config
 from train.layout import CONFIG_FILE, DASHBOARD_FILE, EVAL_FILE, SAE_DIR
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from harvest.model import LoadedModel
 
 
 def find_run(run: str | None, output_dir: str = "runs") -> Path:
@@ -41,7 +48,7 @@ def run_config(run_dir: Path, overrides: list[str] | None = None, extra: list[st
     return load_config(paths + list(extra or []), overrides)
 
 
-def open_run_cache(meta: dict, cfg: Config) -> object:
+def open_run_cache(meta: dict, cfg: Config) -> Cache:
     """The cache the SAE was trained on; refuses one whose identity differs from the recorded one."""
     path = meta.get("cache") or cfg.training.cache
     c = cache.open(path)
@@ -77,7 +84,7 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
     lm = tok = None
     if downstream and ev.downstream_sequences > 0:
         lm, tok, reason = _load_lm(c, cfg, device)
-        result["downstream"] = {"skipped": reason} if lm is None else _downstream(lm, tok, sae, c, cfg)
+        result["downstream"] = {"skipped": reason} if lm is None or tok is None else _downstream(lm, tok, sae, c, cfg)
     result["seconds"] = round(time.time() - t0, 2)
     write_json(run_dir / EVAL_FILE, result)
     if plots:
@@ -87,13 +94,15 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
     if dashboard:
         from evaluate.dashboard import write_dashboard
 
-        unembed = lm.model.get_output_embeddings().weight if lm is not None and lm.causal else None
+        # transformers' output embedding (the unembedding [V, d]) of a causal LM
+        unembed = getattr(lm.model, "get_output_embeddings")().weight if lm is not None and lm.causal else None  # noqa: B009
         result["dashboard"] = str(write_dashboard(run_dir / DASHBOARD_FILE, sae, c, result, cfg, tok, unembed))
     write_json(run_dir / EVAL_FILE, result)
     return result
 
 
-def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str | None]:
+def _load_lm(c: Cache, cfg: Config, device: str) -> tuple[LoadedModel | None, PreTrainedTokenizerBase | None,
+                                                          str | None]:
     """The language model the cache came from and its tokenizer; a model that cannot be loaded here
     (no network for a hub id) gives (None, None, reason): downstream metrics are then reported as
     skipped, not as a crash of the whole evaluation."""
@@ -113,7 +122,7 @@ def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str |
     return lm, tok, None
 
 
-def _downstream(lm: object, tok: object, sae: object, c: object, cfg: Config) -> dict:
+def _downstream(lm: LoadedModel, tok: PreTrainedTokenizerBase, sae: BaseSAE, c: Cache, cfg: Config) -> dict:
     from evaluate.downstream import downstream_fidelity
     from evaluate.sequences import Specials
     from harvest.tokenization import pad_id, special_layout

@@ -52,7 +52,9 @@ BARRIER_TIMEOUT = timedelta(hours=24)
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) outside torchrun."""
     try:
-        return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+        rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"),
+                                                                      ("LOCAL_RANK", "0")))
+        return rank, world, local
     except ValueError:
         raise HarvestError("RANK/WORLD_SIZE/LOCAL_RANK must be integers (as torchrun sets them)") from None
 
@@ -72,9 +74,9 @@ def harvest_distributed(cfg: Config, *, progress: bool = True) -> HarvestSummary
     t0 = time.perf_counter()
     run = _prepare(cfg)
     out = Path(cfg.harvest.output)
-    decision = [_settle_or_error(cfg, run, out, world) if rank == 0 else None]
+    decision: list[tuple[str, str | None] | None] = [_settle_or_error(cfg, run, out, world) if rank == 0 else None]
     dist.broadcast_object_list(decision, src=0)
-    status, error = decision[0]
+    status, error = decision[0] or ("error", "no decision from rank 0")
     if error is not None:
         raise HarvestError(error if rank == 0 else "stopped: rank 0 refused to start (see its error)")
     if status != "harvest":
@@ -84,7 +86,7 @@ def harvest_distributed(cfg: Config, *, progress: bool = True) -> HarvestSummary
     part = _rank_config(cfg, rank, world, local_rank)
     own = harvest(part, progress=progress and rank == 0, owns=window_owner(rank, world, cfg.harvest.shuffle_window),
                   extra_metadata={DISTRIBUTED_KEY: {"rank": rank, "world_size": world}})
-    results = [None] * world
+    results: list[tuple[str, int, float]] = [("", 0, 0.0)] * world
     dist.all_gather_object(results, (own.status, own.new_rows, own.loop_seconds))
     if rank == 0:
         merge_ranks(out, world, _merged_metadata(out, world))

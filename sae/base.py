@@ -48,6 +48,8 @@ class BaseSAE(nn.Module, ABC):
     """Every architecture: one subclass in its own file, registered with `sae.registry.register`."""
 
     type_name: ClassVar[str] = "BaseSAE"
+    input_scale: Tensor  # buffer [n_layers]
+    W_dec: Tensor  # [d_sae, d_in]: every architecture here has a decoder (normalize_decoder, export)
     # Routed SAEs take [B, n_layers, d_in] and splice through `reconstruct_routed`.
     routed: ClassVar[bool] = False
     # True where `forward(x, dense_acts=False)` skips the dense [B, d_sae] `feature_acts` (the
@@ -203,11 +205,12 @@ class BaseSAE(nn.Module, ABC):
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """Initialise from a sample of raw activations (default: b_dec = geometric median)."""
-        if hasattr(self, "b_dec"):
+        b_dec = getattr(self, "b_dec", None)
+        if isinstance(b_dec, Tensor):
             xn = self.normalise(x.float())
             if xn.dim() == 3:  # routed: the shared SAE sees routed vectors; sum/mean over layers
                 xn = xn.mean(dim=1)
-            self.b_dec.copy_(geometric_median(xn).to(self.b_dec.dtype))
+            b_dec.copy_(geometric_median(xn).to(b_dec.dtype))
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

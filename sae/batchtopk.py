@@ -42,6 +42,7 @@ from sae.topk import TopKSAE
 
 @register("BatchTopKSAE", "batchtopk")
 class BatchTopKSAE(TopKSAE):
+    threshold: Tensor  # buffer [], float32: the inference threshold theta
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))

@@ -155,7 +155,7 @@ class JumpReLUSAE(BaseSAE):
         """Project theta onto theta >= 0 (see the module docstring)."""
         self.threshold.clamp_(min=0.0)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         # .to(bf16)/.half() would round theta; keep its float32 values and follow only the device.
         keep = self.threshold.detach().clone()
         super()._apply(fn, recurse)

@@ -30,6 +30,7 @@ from sae.sparse_decode import decode_selected, densify
 
 @register("MatryoshkaSAE", "matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
+    group_ends: Tensor  # buffer [G]: m_1..m_G
     @classmethod
     def check_settings(cls, settings: SAESettings) -> None:
         super().check_settings(settings)
@@ -45,7 +46,11 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     @property
     def n_groups(self) -> int:
-        return len(self.cfg.group_sizes or ())
+        return len(self.group_sizes)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return list(self.cfg.group_sizes or ())  # check_settings guarantees it is set
 
     def _decode_out(self, sel: Selection, vals: Tensor) -> dict[str, Tensor]:
         """-> `sae_out` [B, d_in] (all groups) and `prefix_out` [B, G, d_in] (prefix i in [:, i])."""
@@ -64,10 +69,10 @@ class MatryoshkaSAE(BatchTopKSAE):
             parts = decode_selected(by_group, v, self.W_dec, "sparse").view(sel.n_rows, g, self.d_in)
         else:
             f = densify(sel, vals)
-            starts = [0, *self.cfg.group_sizes[:-1]]
+            starts = [0, *self.group_sizes[:-1]]
             bounds = torch.tensor(starts).cumsum(0).tolist()
             parts = torch.stack(
-                [f[:, s : s + n] @ self.W_dec[s : s + n] for s, n in zip(bounds, self.cfg.group_sizes, strict=True)],
+                [f[:, s : s + n] @ self.W_dec[s : s + n] for s, n in zip(bounds, self.group_sizes, strict=True)],
                 dim=1,
             )
         prefix = parts.cumsum(dim=1) + self.b_dec

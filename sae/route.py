@@ -29,7 +29,7 @@ layers, so it has no single raw unit).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +42,17 @@ from sae.sparse_decode import densify
 from sae.topk import TopKSAE
 
 
-class _Routed:
-    """Routing around a TopK-family SAE. Mixed in before the SAE class, which it reuses on x_route."""
+class _Routed(TopKSAE):
+    """Routing around a TopK-family SAE. Comes before the SAE class in the bases (RouteMatryoshkaSAE:
+    before MatryoshkaSAE), so its methods wrap that class's, which it reuses on x_route. Not registered."""
 
     routed = True
     recon_name = "nmse"
-    base_sae_type = "topk"
+    base_sae_type: ClassVar[Literal["topk", "matryoshka"]] = "topk"
 
     @classmethod
     def check_settings(cls, settings: SAESettings) -> None:
-        super().check_settings(settings)  # type: ignore[misc]
+        super().check_settings(settings)
         if settings.base_sae_type not in (None, cls.base_sae_type):
             raise ValueError(
                 f"{cls.type_name} shares a {cls.base_sae_type!r} SAE, but model.base_sae_type is "
@@ -112,8 +113,8 @@ class _Routed:
         """Latents [..., d_sae] -> x_route reconstruction [..., d_in] in normalised units."""
         return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Same as `reconstruct_routed`."""
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """Same as `reconstruct_routed`: a routed splice needs the layer as well as the reconstruction."""
         return self.reconstruct_routed(x)
 
     def reconstruct_routed(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -143,7 +143,7 @@ def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
-            kwargs[key] = _build_dataclass(expected, value, prefix=f"{prefix}{key}.")
+            kwargs[key] = _build_dataclass(typing.cast(type, expected), value, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, expected, f"{prefix}{key}")
     built = cls(**kwargs)

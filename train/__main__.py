@@ -44,11 +44,11 @@ def preset_type(preset: Path) -> str:
         raise ConfigError(f"preset {preset} sets no model.type") from None
 
 
-def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tuple[list[Path], list[str]]:
+def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tuple[list[str | Path], list[str]]:
     """(YAML files to merge, extra overrides) for MODEL; raises ConfigError for an unknown MODEL."""
     import sae
 
-    files = [base] if base is not None else []
+    files: list[str | Path] = [base] if base is not None else []
     preset = presets / f"{model}.yaml"
     if preset.is_file():
         return [preset, *files], [f"model.type={preset_type(preset)}"]
