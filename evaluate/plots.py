@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 import durable  # noqa: E402
+from sae.measure import ROUTING_KEY  # noqa: E402
 from train.layout import METRICS_FILE, PLOTS_DIR  # noqa: E402
 
 CURVES = (("loss", "loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
@@ -101,8 +102,8 @@ def write_run_plots(run_dir: Path, result: dict) -> list[Path]:
     folder.mkdir(exist_ok=True)
     written = [training_curves(read_metrics(Path(run_dir) / METRICS_FILE), folder / "training_curves.png"),
                density_plot(result["density_histogram"], folder / "feature_density.png")]
-    if "route" in result:
-        written.append(layer_usage_plot(result["route"], folder / "layer_usage.png"))
+    if ROUTING_KEY in result:
+        written.append(layer_usage_plot(result[ROUTING_KEY], folder / "layer_usage.png"))
     return [p for p in written if p is not None]
 
 

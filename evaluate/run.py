@@ -19,6 +19,7 @@ from cache import Cache
 from evaluate.heldout import heldout_metrics
 from sae import BaseSAE, load_sae
 from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
+from sae.measure import PREFIXES_KEY, ROUTING_KEY
 from settings import Config, load_config
 from train.layout import CONFIG_FILE, DASHBOARD_FILE, EVAL_FILE, SAE_DIR
 
@@ -165,9 +166,9 @@ def format_table(result: dict) -> str:
         lines.append(f"| downstream | skipped: {down['skipped']} |")
     else:
         lines += _rows(down, _DOWNSTREAM_ROWS)
-    for g in result.get("matryoshka", []):
+    for g in result.get(PREFIXES_KEY, []):
         lines.append(f"| prefix {g['prefix']}: FVU / L0 | {g['fvu']:.4f} / {g['l0']:.2f} |")
-    for row in result.get("route", {}).get("per_layer", []):
+    for row in result.get(ROUTING_KEY, {}).get("per_layer", []):
         lines.append(f"| block {row['layer']}: share / FVU | {row['share']:.2%} / {row.get('fvu', math.nan):.4f} |")
     return "\n".join(lines)
 

@@ -20,6 +20,10 @@ from torch import Tensor
 from sae.base import BaseSAE
 from sae.metrics import ReconAccumulator, density_histogram
 
+# Names of the optional sections of the result (and so of eval.json), kept from the first SAEs that had them.
+PREFIXES_KEY = "matryoshka"  # metrics of each nested prefix of the latents (SAEs with group_sizes)
+ROUTING_KEY = "route"  # routing shares and per-layer FVU (routed SAEs)
+
 
 @torch.no_grad()
 def measure(sae: BaseSAE, batches: Iterable[Tensor], *, l1_coefficient: float = 0.0, dense_threshold: float = 0.1,
@@ -68,10 +72,10 @@ def _result(sae: BaseSAE, acc: ReconAccumulator, loss_sums: dict[str, float], pr
         "feature_density": [float(d) for d in density],
     }
     if prefixes:
-        result["matryoshka"] = [{"prefix": p, **g.result(dense_threshold)}
+        result[PREFIXES_KEY] = [{"prefix": p, **g.result(dense_threshold)}
                                 for p, g in zip(prefixes, group_accs, strict=True)]
     if route is not None:
-        result["route"] = route.result()
+        result[ROUTING_KEY] = route.result()
     return result
 
 

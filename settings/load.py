@@ -173,12 +173,7 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
                 errors.append(e)
         raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r}")
     if origin is typing.Literal:
-        allowed = typing.get_args(expected)
-        if value in allowed:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"config key {key} must be one of {', '.join(map(str, allowed))}, got {value!r}{hint}")
+        return _coerce_literal(value, typing.get_args(expected), key)
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
@@ -215,6 +210,14 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # a revision like 1234 or a range typed without quotes
     raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_literal(value: Any, allowed: tuple[Any, ...], key: str) -> Any:
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"config key {key} must be one of {', '.join(map(str, allowed))}, got {value!r}{hint}")
 
 
 def _type_name(t: Any) -> str:
