@@ -2,6 +2,7 @@
 #   make demo [CONFIG=...]         the whole pipeline on the offline default (CPU, no network), or on
 #                                  CONFIG (configs/smollm2.yaml: a real causal LM, SmolLM2-135M)
 #   make test                      the test suite
+#   make check                     ruff, the type checker (mypy) and the tests
 #   make harvest [CONFIG=...] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make evaluate [RUN=runs/<run>]
@@ -23,7 +24,7 @@ STAMP := $(VENV)/.installed
 OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(v)))),$(v)))
 FLAGS = $(if $(OVERWRITE),--overwrite) $(if $(RESUME),--resume)
 
-.PHONY: venv demo test harvest train evaluate compare info verify lint check saelens-env
+.PHONY: venv demo test harvest train evaluate compare info verify lint types check saelens-env
 
 venv: $(STAMP)
 
@@ -78,4 +79,8 @@ verify: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-check: lint test
+# The type checker over the product packages (files and settings in pyproject.toml, [tool.mypy]).
+types: venv
+	$(VENV)/bin/mypy
+
+check: lint types test

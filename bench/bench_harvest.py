@@ -33,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cache  # noqa: E402
 from harvest.capture import WindowSink  # noqa: E402
-from harvest.model import LoadedModel, forward_blocks, load_model, parse_layers, resolve_device, wrap_model  # noqa: E402
+from harvest.model import LoadedModel, forward_blocks, load_model, parse_layers, wrap_model  # noqa: E402
 from harvest.run import harvest_stream  # noqa: E402
 from harvest.text import PackedSequence, resolve_model_path  # noqa: E402
 from harvest.windows import group_windows, plan_window  # noqa: E402
+from settings.device import resolve_device  # noqa: E402
 
 QWEN3_17B = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
              "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,

@@ -1,5 +1,10 @@
 """The activation cache: sharded, per-layer, memory-mappable; see cache/FORMAT.md.
 
+Owners: `names` (every file, tensor and metadata name of the format), `folder` (every decision about a
+cache folder: create, continue, replace, refuse, remove; harvest only asks it), `writer` and `reader`,
+`merge` (a distributed harvest's rank caches into one), `verify`; durable writes go through the
+`durable` package.
+
     import cache
     c = cache.open("cache/minilm")           # refuses incomplete caches
     x = c.read("train", 0, 3)                # [n, d_model] view of layer 3, shard 0

@@ -1,16 +1,36 @@
-"""Opening a folder for writing: new cache, resume, overwrite, or refuse; crash leftovers cleanup."""
+"""Every decision about a cache folder, in one place: what is there (`survey`), what a writer may do
+with it (`plan_write`: create, continue = resume or extend, replace, or refuse), what a distributed
+harvest may do before its ranks start (`prepare_rank_write`), removing a cache (`remove_cache`, only
+the files a cache owns), and opening it for writing (`open_for_writing`, used by CacheWriter: new,
+resume, overwrite, or refuse; crash leftovers cleanup). Harvest is a client: it asks, then writes
+through CacheWriter; it never inspects or deletes files of a cache folder itself. Merge targets (the
+rank folders and the merge plan) are cache/merge.py's, on the names of cache/names.py.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import durable, manifest, shardio
+import durable
+
+from . import manifest, shardio
 from .checksum import shard_size
 from .manifest import ManifestError
-from .names import MANIFEST, SPLITS, TMP_PREFIX, is_cache_file, parse_shard_name, stat_keys
+from .names import (
+    DISTRIBUTED_KEY,
+    MANIFEST,
+    MERGE_PLAN,
+    RANK_RE,
+    SPLITS,
+    TMP_PREFIX,
+    is_cache_file,
+    parse_shard_name,
+    stat_keys,
+)
 from .stats import ShardSums, SplitStats
 
 OVERWRITE_HINT = "use --overwrite (OVERWRITE=1) to replace it"
@@ -126,3 +146,126 @@ def open_for_writing(folder: Path, requested: dict, overwrite: bool) -> tuple[di
         fresh = _resume(folder, old, requested)
     manifest.save(folder, fresh[0])
     return fresh
+
+
+class FolderRefused(ValueError):
+    """What was asked cannot be done to this folder; the message names the folder and the fix."""
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a folder holds, measured against the cache a writer wants to write there."""
+
+    path: Path
+    manifest: dict | None = None  # the cache there (complete or not), if its manifest is usable
+    damaged: str | None = None  # why a manifest that is there cannot be used
+    diffs: list[str] = field(default_factory=list)  # how the cache there differs from the requested one
+    ranks: dict[int, Path] = field(default_factory=dict)  # rank-<r> folders of a distributed harvest
+    merge_pending: bool = False  # a merge of rank caches was started and not finished
+    foreign: list[str] = field(default_factory=list)  # entries no cache owns
+
+    @property
+    def same(self) -> bool:
+        """The same cache (identity and layout) is there, complete or not."""
+        return self.manifest is not None and not self.diffs
+
+
+def existing_manifest(path: Path) -> dict | None:
+    """The validated manifest of the cache at `path` (complete or not), or None when there is none
+    or it cannot be used."""
+    try:
+        return manifest.load(Path(path))
+    except (FileNotFoundError, ManifestError, OSError, ValueError):
+        return None
+
+
+def survey(path: Path, requested: dict) -> Survey:
+    """Look at `path` without changing it. `requested`: a manifest.new(...) describing what the
+    caller would write (its identity and layout)."""
+    path = Path(path)
+    if not path.is_dir():
+        return Survey(path, foreign=[path.name] if path.exists() else [])
+    m = existing_manifest(path)
+    damaged = None
+    if m is None and (path / MANIFEST).exists():
+        try:
+            manifest.load(path)
+        except (ManifestError, OSError, ValueError) as exc:
+            damaged = str(exc)
+    ranks = {int(mt.group(1)): e for e in path.iterdir() if (mt := RANK_RE.match(e.name)) and e.is_dir()}
+    foreign = sorted(e.name for e in path.iterdir()
+                     if not is_cache_file(e.name) and e.name != MERGE_PLAN and e not in ranks.values())
+    diffs = identity_diff(m, requested) if m is not None else []
+    return Survey(path, m, damaged, diffs, ranks, (path / MERGE_PLAN).is_file(), foreign)
+
+
+def plan_write(s: Survey, *, overwrite: bool) -> str:
+    """What one writer may do at `s.path`: "create" (nothing there, or an empty folder), "continue"
+    (the same cache: resume it, or extend it when complete), "replace" (`overwrite` permits replacing
+    a different or damaged cache). Raises FolderRefused, naming the reason and the fix."""
+    if s.ranks or s.merge_pending:
+        raise FolderRefused(f"{s.path} holds an unfinished harvest by several processes (rank-* folders); rerun it "
+                            f"under torchrun with the same --nproc-per-node (make harvest NPROC=N), or choose "
+                            f"another output folder")
+    if s.foreign and s.manifest is None and s.damaged is None:
+        raise FolderRefused(f"{s.path} is not empty and holds no cache (no {MANIFEST}; it holds "
+                            f"{', '.join(s.foreign[:5])}); refusing to touch it: choose a new or empty folder")
+    if s.same:
+        return "continue"
+    if s.manifest is None and s.damaged is None:
+        return "create"
+    if not overwrite:
+        why = f"its manifest is unusable ({s.damaged})" if s.damaged else \
+            f"it was written with different settings: {'; '.join(s.diffs)}"
+        raise FolderRefused(f"the cache at {s.path} cannot be continued: {why}; {OVERWRITE_HINT}, or choose "
+                            f"another output folder")
+    return "replace"
+
+
+def prepare_rank_write(s: Survey, *, overwrite: bool, world: int) -> str:
+    """Before the ranks of a distributed harvest start (rank 0 alone): "finish-merge" (a merge was
+    interrupted: complete it, cache.merge.finish_merge), "complete" (the same complete cache is there:
+    nothing for ranks to add), or "ranks" (the folder is ready for rank caches: a replaced cache and
+    rank folders dealt for another world size are removed, when `overwrite` permits). Raises FolderRefused."""
+    if s.merge_pending:
+        return "finish-merge"
+    if s.same and s.manifest is not None and s.manifest["complete"]:
+        return "complete"
+    if s.same:
+        raise FolderRefused(f"{s.path} holds an interrupted one-process harvest; resume it with one process "
+                            f"(make harvest NPROC=1), or use --overwrite (OVERWRITE=1) to start again")
+    if s.manifest is not None or s.damaged is not None:
+        if not overwrite:
+            why = f"{s.path / MANIFEST} is unreadable" if s.damaged else \
+                f"the cache at {s.path} was written with different settings: {'; '.join(s.diffs)}"
+            raise FolderRefused(f"{why}; {OVERWRITE_HINT}, or choose another output folder")
+        remove_cache(s.path)
+    if s.foreign:
+        raise FolderRefused(f"{s.path} is not empty and holds no cache (it holds {', '.join(s.foreign[:5])}); "
+                            f"refusing to touch it: choose a new or empty folder")
+    stale = {r: f for r, f in s.ranks.items() if r >= world or _rank_world(f) not in (None, world)}
+    if stale and not overwrite:
+        raise FolderRefused(f"{s.path} holds an unfinished harvest by a different number of processes "
+                            f"({len(s.ranks)} rank folders; this run has {world}): rerun with the same "
+                            f"--nproc-per-node (NPROC), or use --overwrite (OVERWRITE=1) to start again")
+    for folder in stale.values():
+        durable.remove_path(folder)
+    return "ranks"
+
+
+def remove_cache(path: Path) -> None:
+    """Delete the cache at `path`: only the files a cache owns (manifest, shards, temporaries, a merge
+    plan), never anything else in the folder (FORMAT.md section 6)."""
+    for entry in Path(path).iterdir():
+        if is_cache_file(entry.name) or entry.name == MERGE_PLAN:
+            durable.remove_path(entry)
+    durable.fsync_dir(Path(path))
+
+
+def _rank_world(folder: Path) -> int | None:
+    """The world size a rank cache was written for (None: no usable manifest; the writer decides)."""
+    m = existing_manifest(folder)
+    if m is None:
+        return None
+    info = m["metadata"].get(DISTRIBUTED_KEY)
+    return info.get("world_size") if isinstance(info, dict) else -1

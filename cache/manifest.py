@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import durable
+import durable
+
 from .names import BACKENDS, FORMAT_VERSION, MANIFEST, SPLITS, STORED_DTYPES, shard_name
 
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")

@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
-from . import durable, manifest
+import durable
+
+from . import manifest
 from .checksum import shard_size
 from .folder import _read_sums, identity_diff
 from .manifest import ManifestError
-from .names import MANIFEST, SPLITS, parse_shard_name, shard_name
+from .names import (
+    MANIFEST,
+    MERGE_PLAN,
+    RANK_RE,
+    SPLITS,
+    parse_shard_name,
+    rank_folder_name,
+    shard_name,
+)
 from .stats import SplitStats
-
-PLAN = "merge-plan.json"
-RANK_PREFIX = "rank-"
-_RANK_RE = re.compile(r"^rank-(\d+)$")
-DISTRIBUTED_KEY = "distributed"
 
 
 class MergeError(ValueError):
@@ -38,7 +42,7 @@ class MergeError(ValueError):
 
 
 def rank_folder(out: Path, rank: int) -> Path:
-    return Path(out) / f"{RANK_PREFIX}{rank}"
+    return Path(out) / rank_folder_name(rank)
 
 
 def rank_folders(out: Path) -> dict[int, Path]:
@@ -48,7 +52,7 @@ def rank_folders(out: Path) -> dict[int, Path]:
         return {}
     found = {}
     for entry in out.iterdir():
-        m = _RANK_RE.match(entry.name)
+        m = RANK_RE.match(entry.name)
         if m and entry.is_dir():
             found[int(m.group(1))] = entry
     return found
@@ -56,7 +60,7 @@ def rank_folders(out: Path) -> dict[int, Path]:
 
 def merge_pending(out: Path) -> bool:
     """True when a merge was started (its plan written) but not finished."""
-    return (Path(out) / PLAN).is_file()
+    return (Path(out) / MERGE_PLAN).is_file()
 
 
 def _load_ranks(out: Path, world: int) -> list[dict]:
@@ -65,7 +69,7 @@ def _load_ranks(out: Path, world: int) -> list[dict]:
     if extra:
         raise MergeError(f"{out} holds rank folders {extra} beyond world size {world}: the harvest was started "
                          f"with more processes; rerun with that many, or use --overwrite")
-    loaded = []
+    loaded: list[dict] = []
     for r in range(world):
         folder = rank_folder(out, r)
         try:
@@ -114,12 +118,12 @@ def merge_ranks(out: Path, world: int, metadata: dict) -> dict:
     if (out / MANIFEST).exists():
         raise MergeError(f"{out} already holds a {MANIFEST}; refusing to merge rank caches over it")
     plan = plan_merge(out, world, metadata)
-    durable.atomic_write_bytes(out / PLAN, json.dumps(plan, allow_nan=False).encode())
+    durable.atomic_write_bytes(out / MERGE_PLAN, json.dumps(plan, allow_nan=False).encode())
     return finish_merge(out)
 
 
 def _load_plan(out: Path) -> tuple[list[tuple[str, str]], dict]:
-    where = out / PLAN
+    where = out / MERGE_PLAN
     try:
         plan = json.loads(where.read_bytes())
         merged = manifest.validate(plan["manifest"], f"{where} (manifest)")
@@ -129,7 +133,7 @@ def _load_plan(out: Path) -> tuple[list[tuple[str, str]], dict]:
     listed = [e["name"] for s in SPLITS for e in merged["shards"][s]]
     for src, dst in moves:
         rank, _, name = src.partition("/")
-        if not (_RANK_RE.match(rank) and parse_shard_name(name) and parse_shard_name(dst)):
+        if not (RANK_RE.match(rank) and parse_shard_name(name) and parse_shard_name(dst)):
             raise MergeError(f"{where} names an unexpected move {src!r} -> {dst!r}; the plan is damaged")
     if sorted(dst for _, dst in moves) != sorted(listed):
         raise MergeError(f"{where}: its moves do not match its manifest's shards; the plan is damaged")
@@ -161,7 +165,7 @@ def finish_merge(out: Path) -> dict:
     for folder in rank_folders(out).values():
         durable.remove_path(folder)
     durable.fsync_dir(out)
-    (out / PLAN).unlink(missing_ok=True)
+    (out / MERGE_PLAN).unlink(missing_ok=True)
     durable.fsync_dir(out)
     return merged
 

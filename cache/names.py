@@ -9,10 +9,16 @@ import re
 
 import torch
 
+import durable
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
-SPLITS: tuple[str, ...] = ("train", "heldout")
+TMP_PREFIX = durable.TMP_PREFIX  # temporaries of the durable writes
+TRAIN, HELDOUT = "train", "heldout"
+MERGE_PLAN = "merge-plan.json"  # a distributed harvest's merge in progress (cache/merge.py)
+DISTRIBUTED_KEY = "distributed"  # manifest metadata of a distributed harvest's caches (rank, world size)
+RANK_RE = re.compile(r"^rank-(\d+)$")  # `rank-<r>/`: rank r's own cache during a distributed harvest
+SPLITS: tuple[str, ...] = (TRAIN, HELDOUT)
 BACKENDS: tuple[str, ...] = ("safetensors", "zarr")
 SHARD_SUFFIX = {"safetensors": ".safetensors", "zarr": ".zarr"}
 
@@ -57,6 +63,10 @@ def tmp_name(name: str) -> str:
 def is_cache_file(name: str) -> bool:
     """True for names a cache owns (manifest, shards, temporaries); only these are ever deleted."""
     return name == MANIFEST or name.startswith(TMP_PREFIX) or parse_shard_name(name) is not None
+
+
+def rank_folder_name(rank: int) -> str:
+    return f"rank-{rank}"
 
 
 def layer_key(layer: int) -> str:

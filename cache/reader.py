@@ -6,8 +6,10 @@ import math
 import operator
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +20,7 @@ from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
 from .stats import LayerStats, from_manifest
 
 
-def _index(value: object) -> int | None:
+def _index(value: Any) -> int | None:
     """value as an int if it is an integer (Python or numpy), else None; bools are not indices."""
     if isinstance(value, bool):
         return None
@@ -104,7 +106,8 @@ class Cache:
         return info, reader
 
     def _check_shard(self, info: ShardInfo, reader: shardio.ShardReader) -> None:
-        expected = {layer_key(L): (self.dtype, (info.rows, self.d_model)) for L in self.layers}
+        expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            layer_key(L): (self.dtype, (info.rows, self.d_model)) for L in self.layers}
         expected.update({n: (dt, (info.rows,)) for n, dt in TOKEN_FIELDS.items()})
         for name, spec in expected.items():
             got = reader.spec(name)
@@ -132,7 +135,7 @@ class Cache:
         to it crashes the process). A list of layers -> [n, len(layers), d_model], a copy, in list order.
         """
         single = not isinstance(layers, list | tuple)
-        wanted = [self._layer(layers)] if single else [self._layer(x) for x in layers]
+        wanted = [self._layer(x) for x in layers] if isinstance(layers, list | tuple) else [self._layer(layers)]
         if not wanted:
             raise ValueError("layers must name at least one layer")
         info, reader = self._shard(split, shard)
@@ -140,6 +143,21 @@ class Cache:
         if single:
             return reader.get(layer_key(wanted[0]), start, stop)
         return torch.stack([reader.get(layer_key(L), start, stop) for L in wanted], dim=1)
+
+    def iter_rows(self, split: str, layers: int | list[int], batch_size: int,
+                  max_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """The first `max_rows` rows of `split` (all by default) in stored order, `batch_size` at a time
+        (batches do not cross shards): [b, d_model] for one layer, [b, len(layers), d_model] for a list."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        left = self.num_rows(split) if max_rows is None else min(max_rows, self.num_rows(split))
+        for info in self.shards(split):
+            for start in range(0, info.rows, batch_size):
+                if left <= 0:
+                    return
+                stop = min(info.rows, start + batch_size, start + left)
+                left -= stop - start
+                yield self.read(split, info.index, layers, start, stop)
 
     def read_tokens(self, split: str, shard: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
         """token_ids int32 [n], sequence int64 [n], position int32 [n], document int64 [n] (read-only)."""

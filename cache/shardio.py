@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from . import durable, st_backend
+import durable
+
+from . import st_backend
 from .names import FORMAT_VERSION, tmp_name
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import durable
+import durable
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -72,9 +72,9 @@ def write_tmp(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     size = 0
     try:
-        for part in [head] + [tensors[n] for n in order]:
-            if isinstance(part, torch.Tensor):
-                part = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        for item in [head] + [tensors[n] for n in order]:
+            part = memoryview(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data) \
+                if isinstance(item, torch.Tensor) else memoryview(item)
             h.update(part)
             durable.write_all(fd, part)
             size += len(part)

@@ -84,7 +84,7 @@ class SplitStats:
             acc.sumnorm += s.sumnorm
 
     def to_manifest(self) -> dict[str, dict]:
-        out = {}
+        out: dict[str, dict] = {}
         for layer, acc in self.sums.items():
             if self.count == 0:
                 out[str(layer)] = {"count": 0, "mean": None, "mean_sq_norm": None, "mean_norm": None}

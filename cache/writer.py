@@ -16,13 +16,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from durable import describe_os_error
 
 from . import folder as folder_mod
 from . import manifest, shardio
 from .buffer import ShardAssembler
-from .durable import describe_os_error
 from .names import (
     BACKENDS,
     SPLITS,
@@ -47,7 +49,7 @@ class _Job:
     buffers: dict[str, torch.Tensor]
 
 
-def _check_int(name: str, value: object) -> int:
+def _check_int(name: str, value: Any) -> int:
     try:
         index = operator.index(value) if not isinstance(value, bool) else -1
     except TypeError:
@@ -81,7 +83,8 @@ class CacheWriter:
             zarr_compression=zarr_compression)
         self._manifest, self._totals = folder_mod.open_for_writing(self.path, requested, overwrite)
         self._lock = threading.Lock()
-        specs = {layer_key(L): (self._stored, (d_model,)) for L in self.layers}
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            layer_key(L): (self._stored, (d_model,)) for L in self.layers}
         specs.update({name: (dt, ()) for name, dt in TOKEN_FIELDS.items()})
         self._asm = {s: ShardAssembler(shard_rows, specs) for s in SPLITS}
         self._next_index = {s: len(self._manifest["shards"][s]) for s in SPLITS}
@@ -148,7 +151,8 @@ class CacheWriter:
 
     def _validate(self, acts: dict[int, torch.Tensor], tokens: dict[str, torch.Tensor]) -> dict:
         """The appended tensors by stored name, checked; not yet copied."""
-        bad = [k for k, v in {**acts, **tokens}.items() if not isinstance(v, torch.Tensor)] \
+        merged: dict[Any, Any] = {**acts, **tokens} if isinstance(acts, dict) else {}
+        bad = [k for k, v in merged.items() if not isinstance(v, torch.Tensor)] \
             if isinstance(acts, dict) else []
         if bad:
             raise ValueError(f"append() needs torch tensors; not a tensor: {bad}")
@@ -207,10 +211,12 @@ class CacheWriter:
             self._run(job)
             self._raise_if_failed()
         else:
+            assert self._queue is not None  # async_write
             self._queue.put(job)
 
     # ---- committing ---------------------------------------------------------------------------
     def _worker(self) -> None:
+        assert self._queue is not None  # the thread exists only with async_write
         while True:
             job = self._queue.get()
             try:
@@ -288,7 +294,7 @@ class CacheWriter:
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
+        if self._thread is not None and self._queue is not None:
             self._queue.put(None)
             self._thread.join()
         self._stats_pool.shutdown()

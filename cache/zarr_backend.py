@@ -14,7 +14,9 @@ import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from . import checksum, durable
+import durable
+
+from . import checksum
 
 CHUNK_ROWS = 1024
 DTYPE_ATTR = "saecache_dtype"
@@ -92,7 +94,8 @@ class ZarrShard:
             data = arr[...] if arr.ndim == 0 else arr[start:stop]
         except Exception as exc:
             raise ZarrFormatError(f"{self._where}: cannot read array '{name}' ({exc}); run verify") from exc
-        data = np.asarray(data)
+        data = np.asarray(data)  # type: ignore[assignment]  # zarr's union of scalar and array types
+        assert isinstance(data, np.ndarray)
         if not data.flags.c_contiguous or not data.flags.writeable:
             data = data.copy()
         if self._specs[name][0] == torch.bfloat16:

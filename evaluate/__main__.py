@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from train.layout import SAE_DIR
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -27,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     from evaluate.run import EVAL_FILE, evaluate_run, find_run, format_table, run_config
+    from settings.describe import describe, help_formatter
 
-    p = argparse.ArgumentParser(prog="python -m evaluate", description="Evaluate a training run.")
+    p = argparse.ArgumentParser(prog="python -m evaluate", description="Evaluate a training run.",
+                                epilog=describe(["evaluate"]), formatter_class=help_formatter)
     p.add_argument("run", nargs="?", help="run folder (default: the latest under training.output_dir)")
     p.add_argument("--config", action="append", default=[], help="extra config YAML (after the run's own)")
     p.add_argument("--no-downstream", action="store_true", help="skip rerunning the language model")
@@ -39,11 +43,13 @@ def _evaluate(argv: list[str]) -> int:
     if unknown:
         p.error(f"unrecognised arguments {unknown}; config overrides look like evaluate.max_tokens=100000")
     from settings import load_config
+    from settings.device import resolve_device
 
     base = load_config(args.config, overrides)
     run_dir = find_run(args.run or base.evaluate.run, base.training.output_dir)
     cfg = run_config(run_dir, overrides, args.config)
-    result = evaluate_run(run_dir, cfg, downstream=not args.no_downstream, device=args.device)
+    device = str(resolve_device(args.device, key="--device"))
+    result = evaluate_run(run_dir, cfg, downstream=not args.no_downstream, device=device)
     print(format_table(result))
     print(f"\nwrote {run_dir / EVAL_FILE}")
     for plot in result.get("plots", []):
@@ -76,7 +82,7 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="output folder (default: RUN/export-saelens)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run) / "export-saelens"
-    export_saelens(Path(args.run) / "sae", out)
+    export_saelens(Path(args.run) / SAE_DIR, out)
     print(f"wrote {out}")
     return 0
 

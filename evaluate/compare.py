@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from evaluate.plots import frontier_plot
-
-EVAL_FILE = "eval.json"
+from train.layout import EVAL_FILE
 
 
 def collect(run_dirs: list[Path]) -> tuple[list[dict], list[str]]:

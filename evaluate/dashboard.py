@@ -16,12 +16,20 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+import durable
+from cache import Cache
 from evaluate.downstream import heldout_tokens
 from evaluate.heldout import iter_batches
+from sae import BaseSAE
+from settings import Config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WINDOW = 8  # tokens of context each side
 
@@ -36,7 +44,7 @@ def choose_features(density: Tensor, n: int, seed: int = 0) -> list[int]:
 
 
 @torch.no_grad()
-def top_activations(sae: torch.nn.Module, cache: object, features: list[int], k: int,
+def top_activations(sae: BaseSAE, cache: Cache, features: list[int], k: int,
                     batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     """Over the whole held-out split: (values [F, k], global row index [F, k]) of each feature's
     k largest activations (rows in split order: shard by shard)."""
@@ -64,7 +72,8 @@ FINAL_NORM_PATHS = ("model.norm", "model.language_model.norm", "transformer.ln_f
 def output_directions(model: torch.nn.Module) -> Tensor | None:
     """The unembedding [V, d] with the final norm's per-dimension gain folded in (Gemma's norms scale
     by 1 + weight), or None when the model has no output embedding (an encoder)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # transformers models; absent on plain modules
+    head = get_head() if callable(get_head) else None
     if head is None:
         return None
     w_u = head.weight.detach().float()
@@ -80,7 +89,7 @@ def output_directions(model: torch.nn.Module) -> Tensor | None:
     return w_u
 
 
-def logit_effects(sae: torch.nn.Module, unembed: Tensor, features: list[int], n: int = 8) -> tuple[Tensor, Tensor]:
+def logit_effects(sae: BaseSAE, unembed: Tensor, features: list[int], n: int = 8) -> tuple[Tensor, Tensor]:
     """([F, n] token ids each feature's decoder row raises most, [F, n] ids it lowers most: lowest
     first). unembed: [V, d], e.g. `output_directions(model)`."""
     w = sae.W_dec[features].detach().float()  # [F, d]
@@ -88,7 +97,7 @@ def logit_effects(sae: torch.nn.Module, unembed: Tensor, features: list[int], n:
     return logits.topk(n, dim=1).indices, logits.topk(n, dim=1, largest=False).indices
 
 
-def token_pieces(ids: list[int], tokenizer: object | None) -> list[str]:
+def token_pieces(ids: list[int], tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
     """What each token adds to `tokenizer.decode(ids)`, in order; the pieces join to the decoded
     text. A token whose bytes complete a character that earlier tokens began (byte-level BPE) takes
     the whole character, and those earlier tokens show nothing. Without a tokenizer: "[id]"."""
@@ -96,7 +105,7 @@ def token_pieces(ids: list[int], tokenizer: object | None) -> list[str]:
         return [f"[{int(t)}]" for t in ids]
     pieces: list[str] = []
     for i in range(len(ids)):
-        now = tokenizer.decode(ids[: i + 1])
+        now = str(tokenizer.decode(ids[: i + 1]))
         done = "".join(pieces)
         if not now.startswith(done):  # an earlier piece changed (a completed character): cut back to the agreement
             pieces = _trim(pieces, len(os.path.commonprefix([done, now])))
@@ -115,8 +124,8 @@ def _trim(pieces: list[str], n: int) -> list[str]:
     return out
 
 
-def write_dashboard(path: str | Path, sae: torch.nn.Module, cache: object, result: dict, cfg: object,
-                    tokenizer: object | None = None, unembed: Tensor | None = None) -> Path:
+def write_dashboard(path: str | Path, sae: BaseSAE, cache: Cache, result: dict, cfg: Config,
+                    tokenizer: PreTrainedTokenizerBase | None = None, unembed: Tensor | None = None) -> Path:
     """Write the HTML page for `sae` on `cache` (result: the run's eval dict); returns its path."""
     ev = cfg.evaluate
     density = torch.tensor(result["feature_density"], dtype=torch.float64)
@@ -141,9 +150,7 @@ def write_dashboard(path: str | Path, sae: torch.nn.Module, cache: object, resul
                                        None if effects is None else (effects[0][i], effects[1][i])))
     parts.append(_TAIL)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    durable.atomic_write_text(path, "".join(parts))
     return path
 
 
@@ -157,12 +164,12 @@ def _groups(group_sizes: list[int] | None, m: int) -> list[tuple[int, int]]:
     return out
 
 
-def _token_text(tid: int, tokenizer: object | None) -> str:
+def _token_text(tid: int, tokenizer: PreTrainedTokenizerBase | None) -> str:
     """One output token as the tokenizer decodes it alone (repr: leading spaces show)."""
     return repr(tokenizer.decode([int(tid)])) if tokenizer is not None else f"[{int(tid)}]"
 
 
-def _context(row: int, toks: dict[str, Tensor], tokenizer: object | None) -> str:
+def _context(row: int, toks: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase | None) -> str:
     """The stored tokens within WINDOW positions of `row` in its sequence, decoded, the row's own
     token highlighted."""
     seq, pos = int(toks["sequence"][row]), int(toks["position"][row])
@@ -178,7 +185,7 @@ def _context(row: int, toks: dict[str, Tensor], tokenizer: object | None) -> str
 
 
 def _feature_html(feature: int, density: float, vals: Tensor, rows: Tensor, toks: dict[str, Tensor],
-                  tokenizer: object | None, effects: tuple[Tensor, Tensor] | None) -> str:
+                  tokenizer: PreTrainedTokenizerBase | None, effects: tuple[Tensor, Tensor] | None) -> str:
     lines = [f'<section class="feature" data-feature="{feature}"><h3>latent {feature}</h3>'
              f'<p class="density">fires on {density:.3%} of held-out tokens</p>']
     if effects is not None:

@@ -8,16 +8,21 @@ replacement is computed by the hook from the activation it sees then.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from typing import Any
 
+import torch
+from torch import Tensor
+
+from cache import Cache
 from evaluate.sequences import Specials, build_batch, gather_rows
 from evaluate.splice import CausalFidelity, EncoderFidelity, Replace, sae_replace
+from harvest.model import LoadedModel
+from sae import BaseSAE
 
 SPLIT = "heldout"
 
 
-def heldout_tokens(cache: object, split: str = SPLIT) -> dict[str, Tensor]:
+def heldout_tokens(cache: Cache, split: str = SPLIT) -> dict[str, Tensor]:
     """token_ids, sequence, position of every row of `split`, concatenated over shards ([n] each)."""
     parts: dict[str, list[Tensor]] = {"token_ids": [], "sequence": [], "position": []}
     for info in cache.shards(split):
@@ -30,7 +35,7 @@ def heldout_tokens(cache: object, split: str = SPLIT) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def downstream_fidelity(lm: object, sae: nn.Module, cache: object, specials: Specials, *, n_sequences: int = 64,
+def downstream_fidelity(lm: LoadedModel, sae: BaseSAE, cache: Cache, specials: Specials, *, n_sequences: int = 64,
                         batch_sequences: int = 8) -> dict:
     """`lm`: a harvest.model.LoadedModel (model, blocks, causal, device). Returns CE/KL metrics for
     causal LMs or pooled-embedding cosines for encoders, plus how many sequences were rerun."""
@@ -47,7 +52,7 @@ def downstream_fidelity(lm: object, sae: nn.Module, cache: object, specials: Spe
         else:
             masks, replace = routed_masks(lm, sae, layers, input_ids, attention, stored)
         acc.update(lm.model, lm.blocks, masks, replace, input_ids, attention)
-    out = acc.result()
+    out: dict[str, Any] = dict(acc.result())
     out["kind"] = "causal" if lm.causal else "encoder"
     out["layers"] = layers
     if lm.causal:
@@ -55,8 +60,9 @@ def downstream_fidelity(lm: object, sae: nn.Module, cache: object, specials: Spe
     return out
 
 
-def routed_masks(lm: object, sae: nn.Module, layers: list[int], input_ids: Tensor, attention: Tensor,
+def routed_masks(lm: LoadedModel, sae: Any, layers: list[int], input_ids: Tensor, attention: Tensor,
                  stored: Tensor) -> tuple[dict[int, Tensor], Replace]:
+    # `sae` is routed (`sae.routed`): it has reconstruct_routed and the shared SAE's _forward_normalised.
     """Clean pass -> the router's layer per token -> ({block: [B, T] bool}, replacement), so that
     each stored token is spliced at its routed block only."""
     from harvest.model import block_hooks

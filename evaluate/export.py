@@ -5,12 +5,8 @@ SAELens applies an SAE to raw activations with no normaliser ("normalize_activat
 computing (x - b_dec) @ W_enc + b_enc with W_enc [d_in, d_sae] and f @ W_dec + b_dec. Ours scales
 the input by s (`input_scale`) first and divides the output by s, so the scale is folded in:
 W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s (pre-activations, hence thresholds, are
-unchanged). Mappings:
-- VanillaSAE -> "standard"; GatedSAE -> "gated" (W_gate becomes W_enc); TopKSAE -> "topk" (k);
-  JumpReLUSAE -> "jumprelu";
-- BatchTopKSAE and MatryoshkaSAE -> "jumprelu" with every threshold = the learned global theta,
-  which is exactly their inference rule f = ReLU(z) 1[z > theta].
-Routed SAEs have no SAELens counterpart: refused.
+unchanged). Each SAE class says how its weights map (`BaseSAE.to_saelens`); one without a SAELens
+counterpart (routed SAEs, any new architecture that does not say) is refused with its name.
 """
 
 from __future__ import annotations
@@ -21,55 +17,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
 
 from sae import load_sae
+from train.layout import EVAL_FILE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
-_ARCH = {"VanillaSAE": "standard", "GatedSAE": "gated", "TopKSAE": "topk", "JumpReLUSAE": "jumprelu",
-         "BatchTopKSAE": "jumprelu", "MatryoshkaSAE": "jumprelu"}
-
-
-_TOPK_FAMILY = frozenset({"TopKSAE", "BatchTopKSAE", "MatryoshkaSAE"})
-
-
-def saelens_tensors(sae: torch.nn.Module) -> tuple[str, dict[str, Tensor]]:
-    """-> (SAELens architecture, its state dict in float32) for our `sae`."""
-    name = type(sae).type_name
-    if name not in _ARCH:
-        raise ValueError(f"{name} has no SAELens counterpart (SAELens can represent {sorted(_ARCH)}); "
-                         "routed SAEs cannot be exported")
-    s = float(sae.input_scale[0])
-    p = {k: v.detach().float().cpu() for k, v in sae.state_dict().items()}
-    w_dec, b_dec = p["W_dec"] / s, p["b_dec"] / s
-    if name == "GatedSAE":
-        return "gated", {"W_enc": p["W_gate"] * s, "b_gate": p["b_gate"], "r_mag": p["r_mag"], "b_mag": p["b_mag"],
-                         "W_dec": w_dec, "b_dec": b_dec}
-    w_enc = p["W_enc"]
-    # Decided by type, not shape (the two agree when d_sae == d_in): the TopK family keeps the
-    # nn.Linear layout [d_sae, d_in]; Vanilla and JumpReLU keep SAELens's [d_in, d_sae].
-    if name in _TOPK_FAMILY:
-        w_enc = w_enc.T
-    out = {"W_enc": (w_enc * s).contiguous(), "b_enc": p["b_enc"], "W_dec": w_dec, "b_dec": b_dec}
-    if name == "JumpReLUSAE":
-        out["threshold"] = p["threshold"]
-    elif name in ("BatchTopKSAE", "MatryoshkaSAE"):
-        theta = float(p["threshold"])
-        if not theta > 0:
-            raise ValueError(f"{name}'s inference threshold was never estimated (it is {theta}); it cannot be "
-                             "written as a JumpReLU: train longer than training.threshold_start_step")
-        out["threshold"] = torch.full((sae.d_sae,), theta)
-    return _ARCH[name], out
-
-
 def export_saelens(sae_dir: str | Path, out: str | Path, density: list[float] | None = None) -> Path:
     """Write `out/` (created) from the SAE folder `sae_dir`. `density` [d_sae] (firing share on the
     held-out split) becomes SAELens' log10 `sparsity` file; by default it is read from the run's
     eval.json next to `sae_dir` when there is one."""
     sae, meta = load_sae(sae_dir)
-    arch, tensors = saelens_tensors(sae)
+    arch, tensors, extra = sae.to_saelens()
     layers = list(sae.cfg.layers) or list(meta.get("layers", []))
     cfg = {
         "architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
@@ -81,14 +41,13 @@ def export_saelens(sae_dir: str | Path, out: str | Path, density: list[float] | 
             "exported_from": str(sae_dir), "source_type": type(sae).type_name, "input_scale_folded": True,
         },
     }
-    if arch == "topk":
-        cfg.update({"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False})
+    cfg.update(extra)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
     (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
     if density is None:
-        density = _density_from_eval(Path(sae_dir).parent / "eval.json")
+        density = _density_from_eval(Path(sae_dir).parent / EVAL_FILE)
     if density is not None:
         logd = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in density], dtype=torch.float32)
         save_file({"sparsity": logd}, str(out / SPARSITY_FILE))

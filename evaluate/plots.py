@@ -11,7 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-PLOTS_DIR = "plots"
+import durable  # noqa: E402
+from sae.measure import ROUTING_KEY  # noqa: E402
+from train.layout import METRICS_FILE, PLOTS_DIR  # noqa: E402
+
 CURVES = (("loss", "loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
 
 
@@ -97,10 +100,10 @@ def write_run_plots(run_dir: Path, result: dict) -> list[Path]:
     """All of one run's plots into `run_dir/plots/`; returns the files written."""
     folder = Path(run_dir) / PLOTS_DIR
     folder.mkdir(exist_ok=True)
-    written = [training_curves(read_metrics(Path(run_dir) / "metrics.jsonl"), folder / "training_curves.png"),
+    written = [training_curves(read_metrics(Path(run_dir) / METRICS_FILE), folder / "training_curves.png"),
                density_plot(result["density_histogram"], folder / "feature_density.png")]
-    if "route" in result:
-        written.append(layer_usage_plot(result["route"], folder / "layer_usage.png"))
+    if ROUTING_KEY in result:
+        written.append(layer_usage_plot(result[ROUTING_KEY], folder / "layer_usage.png"))
     return [p for p in written if p is not None]
 
 
@@ -108,5 +111,5 @@ def _save(fig: plt.Figure, out: Path) -> Path:
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    durable.publish(tmp, out)
     return out

@@ -7,35 +7,37 @@ trainer writes them; writes `eval.json`, `plots/*.png` and `dashboard.html` besi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cache
+import durable
+from cache import Cache
 from evaluate.heldout import heldout_metrics
-from sae import load_sae
+from sae import BaseSAE, load_sae
+from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
+from sae.measure import PREFIXES_KEY, ROUTING_KEY
 from settings import Config, load_config
+from train.layout import CONFIG_FILE, DASHBOARD_FILE, EVAL_FILE, SAE_DIR
 
-SAE_DIR = "sae"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-PLOTS_DIR = "plots"
-DASHBOARD_FILE = "dashboard.html"
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from harvest.model import LoadedModel
 
 
 def find_run(run: str | None, output_dir: str = "runs") -> Path:
     """`run` if given (it must hold sae/sae.json), else the most recently trained run under `output_dir`."""
     if run:
         path = Path(run)
-        if not (path / SAE_DIR / "sae.json").is_file():
-            raise FileNotFoundError(f"{path} is not a finished training run (no {SAE_DIR}/sae.json); "
+        if not (path / SAE_DIR / SAE_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a finished training run (no {SAE_DIR}/{SAE_CONFIG_FILE}); "
                                     f"pass RUN=runs/<run> of a run that `make train` completed")
         return path
-    runs = sorted(Path(output_dir).glob(f"*/{SAE_DIR}/sae.json"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(Path(output_dir).glob(f"*/{SAE_DIR}/{SAE_CONFIG_FILE}"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise FileNotFoundError(f"no finished run under {output_dir}/; run `make train` first, or pass RUN=runs/<run>")
     return runs[-1].parent.parent
@@ -47,7 +49,7 @@ def run_config(run_dir: Path, overrides: list[str] | None = None, extra: list[st
     return load_config(paths + list(extra or []), overrides)
 
 
-def open_run_cache(meta: dict, cfg: Config) -> object:
+def open_run_cache(meta: dict, cfg: Config) -> Cache:
     """The cache the SAE was trained on; refuses one whose identity differs from the recorded one."""
     path = meta.get("cache") or cfg.training.cache
     c = cache.open(path)
@@ -64,6 +66,7 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
     """Evaluate `run_dir` and write eval.json (and plots, dashboard). Returns the eval.json content."""
     run_dir = Path(run_dir)
     sae, meta = load_sae(run_dir / SAE_DIR, device=device)
+    sae.eval()  # every metric, the splice and the dashboard use the SAE's inference mode
     if not sae.cfg.layers and meta.get("layers"):
         sae.cfg.layers = list(meta["layers"])
     c = open_run_cache(meta, cfg)
@@ -82,7 +85,7 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
     lm = tok = None
     if downstream and ev.downstream_sequences > 0:
         lm, tok, reason = _load_lm(c, cfg, device)
-        result["downstream"] = {"skipped": reason} if lm is None else _downstream(lm, tok, sae, c, cfg)
+        result["downstream"] = {"skipped": reason} if lm is None or tok is None else _downstream(lm, tok, sae, c, cfg)
     result["seconds"] = round(time.time() - t0, 2)
     write_json(run_dir / EVAL_FILE, result)
     if plots:
@@ -98,7 +101,8 @@ def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, p
     return result
 
 
-def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str | None]:
+def _load_lm(c: Cache, cfg: Config, device: str) -> tuple[LoadedModel | None, PreTrainedTokenizerBase | None,
+                                                          str | None]:
     """The language model the cache came from and its tokenizer; a model that cannot be loaded here
     (no network for a hub id) gives (None, None, reason): downstream metrics are then reported as
     skipped, not as a crash of the whole evaluation."""
@@ -122,30 +126,18 @@ def _load_lm(c: object, cfg: Config, device: str) -> tuple[object, object, str |
     return lm, tok, None
 
 
-def _downstream(lm: object, tok: object, sae: object, c: object, cfg: Config) -> dict:
+def _downstream(lm: LoadedModel, tok: PreTrainedTokenizerBase, sae: BaseSAE, c: Cache, cfg: Config) -> dict:
     from evaluate.downstream import downstream_fidelity
     from evaluate.sequences import Specials
-    from harvest.tokenization import special_layout
+    from harvest.tokenization import pad_id, special_layout
 
-    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id) if t is not None), 0)
-    specials = Specials.from_layout(special_layout(tok), pad=pad)
+    specials = Specials.from_layout(special_layout(tok), pad=pad_id(tok))
     return downstream_fidelity(lm, sae, c, specials, n_sequences=cfg.evaluate.downstream_sequences)
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a crash never leaves half an eval.json."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+    """Atomic write (durable): a crash never leaves half an eval.json."""
+    durable.atomic_write_json(path, data, indent=1)
 
 
 _TABLE_ROWS = [
@@ -177,9 +169,9 @@ def format_table(result: dict) -> str:
         lines.append(f"| downstream | skipped: {down['skipped']} |")
     else:
         lines += _rows(down, _DOWNSTREAM_ROWS)
-    for g in result.get("matryoshka", []):
+    for g in result.get(PREFIXES_KEY, []):
         lines.append(f"| prefix {g['prefix']}: FVU / L0 | {g['fvu']:.4f} / {g['l0']:.2f} |")
-    for row in result.get("route", {}).get("per_layer", []):
+    for row in result.get(ROUTING_KEY, {}).get("per_layer", []):
         lines.append(f"| block {row['layer']}: share / FVU | {row['share']:.2%} / {row.get('fvu', math.nan):.4f} |")
     return "\n".join(lines)
 

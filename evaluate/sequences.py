@@ -10,6 +10,7 @@ gap (the separator harvest puts between packed documents) filled with the separa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,9 +28,9 @@ class Specials:
     pad: int = 0
 
     @classmethod
-    def from_layout(cls, layout: object, pad: int = 0) -> Specials:
+    def from_layout(cls, layout: Any, pad: int = 0) -> Specials:
         """From a harvest `SpecialLayout` (or the cache metadata's tokenizer dict with the same keys)."""
-        get = layout.get if isinstance(layout, dict) else lambda k: getattr(layout, k)
+        get: Any = layout.get if isinstance(layout, dict) else lambda k: getattr(layout, k)
         return cls(prefix=[int(t) for t in get("prefix")], suffix=[int(t) for t in get("suffix")],
                    separator=None if get("separator") is None else int(get("separator")), pad=int(pad))
 

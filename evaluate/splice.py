@@ -17,10 +17,13 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sae import BaseSAE
 
 # A replacement: (block number, hidden [n, d] at the selected positions) -> new hidden [n, d].
 Replace = Callable[[int, Tensor], Tensor]
@@ -34,7 +37,7 @@ def splice(blocks: nn.ModuleList, masks: dict[int, Tensor], replace: Replace) ->
     handles = []
 
     def make_hook(layer: int):
-        def hook(module: nn.Module, args: object, output: object) -> object:
+        def hook(module: nn.Module, args: object, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple | list) else output
             mask = masks[layer].to(hidden.device)
             if not bool(mask.any()):
@@ -61,7 +64,7 @@ def zero_replace(layer: int, hidden: Tensor) -> Tensor:
     return torch.zeros_like(hidden)
 
 
-def sae_replace(sae: nn.Module) -> Replace:
+def sae_replace(sae: BaseSAE) -> Replace:
     """A single-layer SAE: raw activation in, raw reconstruction out (`BaseSAE.reconstruct`)."""
     def replace(layer: int, hidden: Tensor) -> Tensor:
         p = next(sae.parameters())

@@ -6,7 +6,8 @@ Modules, in reading order: `text` (documents -> packed sequences; the text side)
 model, find its blocks, hooks that stop the forward at the deepest requested block), `windows`
 (shuffle windows and their batches), `capture` (forward a window, hand its rows to the writer,
 overlapped on CUDA), `identity` (what makes two caches the same), `run` (the loop: fresh, resume,
-extend), `__main__` (the command line).
+extend; what may happen to the output folder is the cache package's decision, cache.folder),
+`distributed` (torchrun ranks), `__main__` (the command line).
 """
 
 from harvest.model import HarvestError, LoadedModel, load_model, parse_layers

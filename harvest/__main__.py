@@ -19,8 +19,10 @@ DEFAULT_CONFIG = Path("configs/default.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from settings.describe import describe, help_formatter
+
     p = argparse.ArgumentParser(
-        prog="python -m harvest",
+        prog="python -m harvest", epilog=describe(["model", "data", "harvest"]), formatter_class=help_formatter,
         description="Run a language model over text and cache its residual-stream activations. A rerun with "
                     "the same settings resumes; a larger harvest.max_tokens extends a complete cache.")
     p.add_argument("--config", action="append", default=None, metavar="FILE",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cache import CacheWriter
 from harvest.model import LoadedModel, forward_blocks
 from harvest.windows import WindowPlan
 
@@ -96,7 +97,7 @@ class WindowSink:
     resume) are dropped. close() waits for everything submitted; errors surface on the next call.
     """
 
-    def __init__(self, writer: object, device: torch.device) -> None:
+    def __init__(self, writer: CacheWriter, device: torch.device) -> None:
         self.writer = writer
         self.cuda = device.type == "cuda"
         self._error: BaseException | None = None
@@ -132,6 +133,7 @@ class WindowSink:
                     host[layer] = part.to("cpu")
             event = torch.cuda.Event()
             event.record(self._stream)
+        assert self._queue is not None  # CUDA path
         self._queue.put(_Ready(plan, offset, host, event, slab))
 
     def _append(self, ready: _Ready) -> None:
@@ -140,19 +142,22 @@ class WindowSink:
                            sequence=p.sequence[o:], position=p.position[o:], document=p.document[o:])
 
     def _worker(self) -> None:
+        assert self._queue is not None  # the thread exists only on CUDA
         while True:
             ready = self._queue.get()
             try:
                 if ready is None:
                     return
                 if self._error is None:
-                    ready.event.synchronize()
+                    if ready.event is not None:
+                        ready.event.synchronize()
                     self._append(ready)
             except BaseException as exc:  # re-raised in the producer on its next call
                 self._error = exc
             finally:
                 if ready is not None and ready.slab is not None:
-                    ready.event.synchronize()  # never recycle a slab a copy may still be writing
+                    if ready.event is not None:  # never recycle a slab a copy may still be writing
+                        ready.event.synchronize()
                     self._pool.give(ready.slab)
                 self._queue.task_done()
 
@@ -162,7 +167,7 @@ class WindowSink:
 
     def close(self) -> None:
         """Wait until every submitted window reached the writer; re-raise a hand-off error."""
-        if self._thread is not None:
+        if self._thread is not None and self._queue is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None

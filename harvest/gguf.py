@@ -27,7 +27,7 @@ from pathlib import Path
 
 import xxhash
 
-from cache.durable import atomic_write_bytes, fsync_dir, fsync_tree, remove_path
+from durable import atomic_write_bytes, fsync_dir, fsync_tree, remove_path
 from harvest.errors import TextError
 
 ENV_DIR = "SAECACHE_MODEL_CACHE"
@@ -145,10 +145,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def _versions() -> dict:
+def _versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out: dict[str, str | None] = {}
     for name in ("transformers", "gguf"):
         try:
             out[name] = version(name)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 import xxhash
+from transformers import PreTrainedTokenizerBase
 
 from harvest.model import LoadedModel, dtype_name
+from settings import Config
 
 HOOK = "resid_post (block output)"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -70,7 +72,7 @@ def model_fingerprint(requested: str, resolved: str) -> dict:
             "model_weights_xxh3_sample": _weights_sample_hash(folder), "tokenizer_files_xxh3": tok.hexdigest()}
 
 
-def tokenizer_info(tokenizer: object) -> dict:
+def tokenizer_info(tokenizer: PreTrainedTokenizerBase) -> dict:
     return {
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
@@ -82,8 +84,8 @@ def tokenizer_info(tokenizer: object) -> dict:
     }
 
 
-def build_identity(cfg: object, *, resolved_model: str, layers: list[int], compute_dtype: torch.dtype,
-                   store_dtype: torch.dtype, tokenizer: object, source: dict, packing: dict) -> dict:
+def build_identity(cfg: Config, *, resolved_model: str, layers: list[int], compute_dtype: torch.dtype,
+                   store_dtype: torch.dtype, tokenizer: PreTrainedTokenizerBase, source: dict, packing: dict) -> dict:
     """The identity dict handed to the cache writer (equal identity -> resume)."""
     data, hv = cfg.data, cfg.harvest
     return {
@@ -107,7 +109,7 @@ def build_identity(cfg: object, *, resolved_model: str, layers: list[int], compu
     }
 
 
-def build_metadata(cfg: object, lm: LoadedModel, *, resolved_model: str, tokenizer: object,
+def build_metadata(cfg: Config, lm: LoadedModel, *, resolved_model: str, tokenizer: PreTrainedTokenizerBase,
                    tokenizer_facts: dict, resolved_config: dict) -> dict:
     """Free-form provenance for the manifest (the identity's details, versions, the whole config)."""
     import transformers

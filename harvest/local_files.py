@@ -162,7 +162,7 @@ def _json_documents(f: Path, text_field: str | None) -> Iterator[str]:
             if field is None:
                 strings = [k for k, v in record.items() if isinstance(v, str)]
                 field = pick_text_field(list(record), strings, text_field, str(f))
-            text = record.get(field)
+            text = record.get(field)  # type: ignore[assignment]  # checked below: not a str -> skipped
         else:
             raise TextError(f"{f} holds a {type(record).__name__} record; records must be objects or strings")
         yield from _checked(text, field, f)

@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from harvest.tokenization import looks_like_local_path, resolve_model_path
+from settings.device import resolve_device
 
 # Attribute paths of the block list in the families we know, most specific first.
 KNOWN_BLOCK_PATHS = (
@@ -59,19 +61,6 @@ class LoadedModel:
     dtype: torch.dtype  # compute dtype
     device: torch.device  # where inputs go (the embedding's device)
     causal: bool  # loaded through AutoModelForCausalLM
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if visible, else cpu; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise HarvestError(f"harvest.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarvestError(f"harvest.device={name} but no CUDA device is visible; use harvest.device=cpu (or auto)")
-    return device
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -182,7 +171,7 @@ def block_hooks(blocks: nn.ModuleList, layers: list[int],
     handles = []
 
     def make_hook(layer: int):
-        def hook(module: nn.Module, args: object, output: object) -> None:
+        def hook(module: nn.Module, args: object, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple | list) else output
             on_output(layer, hidden)
             if stop_early and layer == deepest:
@@ -203,7 +192,7 @@ def forward_blocks(lm: LoadedModel, layers: list[int], on_output: Callable[[int,
                    input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     """Run the model on `input_ids` [B, T] / `attention_mask` [B, T] (on `lm.device`) up to and including
     block max(layers), calling `on_output(L, hidden [B, T, d_model])` for each requested block in order."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if lm.causal:
         kwargs["use_cache"] = False
     with torch.inference_mode(), block_hooks(lm.blocks, layers, on_output):
@@ -243,7 +232,7 @@ def load_config(path: str, *, revision: str | None, trust_remote_code: bool) -> 
                            f"{_offline_fix(path)}") from e
 
 
-def _is_causal_lm(config: object) -> bool:
+def _is_causal_lm(config: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = getattr(config, "architectures", None) or []
@@ -264,16 +253,16 @@ def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", d
 
     path = resolve_model_path(path)
     config = load_config(path, revision=revision, trust_remote_code=trust_remote_code)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="harvest.device")
     torch_dtype = resolve_dtype(dtype, dev)
     causal = _is_causal_lm(config)
     auto = AutoModelForCausalLM if causal else AutoModel
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
     local = str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
     try:
-        model = auto.from_pretrained(local, **kwargs)
+        model: Any = auto.from_pretrained(local, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HarvestError(f"cannot load the weights of model {path!r}: {first}") from e
@@ -282,8 +271,9 @@ def load_model(path: str, *, revision: str | None = None, dtype: str = "auto", d
     return wrap_model(model.eval(), path=path, causal=causal)
 
 
-def wrap_model(model: nn.Module, *, path: str, causal: bool | None = None) -> LoadedModel:
-    """Describe an already-built model (e.g. a random-init benchmark model) as a LoadedModel."""
+def wrap_model(model: Any, *, path: str, causal: bool | None = None) -> LoadedModel:
+    """Describe an already-built model (a transformers PreTrainedModel, e.g. a random-init benchmark
+    model) as a LoadedModel."""
     config = model.config
     n_blocks = config_n_blocks(config)
     block_path, blocks = find_blocks(model, n_blocks)

@@ -27,11 +27,11 @@ import torch
 import xxhash
 from transformers import PreTrainedTokenizerBase
 
+from cache.names import SPLITS
 from harvest.errors import TextError
 from harvest.sources import iter_documents
 from harvest.tokenization import SpecialLayout, special_layout
 
-SPLITS = ("train", "heldout")
 PACKING_VERSION = 1  # bump when the rule above changes: it enters packing_identity
 _TOKENIZE_BATCH_DOCS = 64
 _TOKENIZE_BATCH_CHARS = 1 << 20

@@ -25,6 +25,7 @@ import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -108,7 +109,7 @@ _OWN_DISTRIBUTION = "saecache"
 def _distribution_descriptions() -> Iterator[str]:
     found = []
     for dist in importlib.metadata.distributions():
-        meta = dist.metadata
+        meta: Any = dist.metadata  # an email.message.Message at run time
         if meta is None:
             continue
         name = re.sub(r"[-_.]+", "-", (meta.get("Name") or "")).lower()

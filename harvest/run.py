@@ -21,15 +21,18 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 import cache
-from cache import merge
+from cache import folder
+from cache import manifest as manifest_mod
+from cache.names import SPLITS
 from harvest import text
 from harvest.capture import WindowSink, compute_window
 from harvest.identity import build_identity, build_metadata
@@ -42,13 +45,14 @@ from harvest.model import (
     load_config,
     load_model,
     parse_layers,
-    resolve_device,
     resolve_dtype,
 )
+from harvest.packing import PackedSequence
+from harvest.tokenization import pad_id
 from harvest.windows import group_windows, plan_window
-from settings import to_dict
+from settings import Config, HarvestConfig, to_dict
+from settings.device import resolve_device
 
-SPLITS = ("train", "heldout")
 SEGMENT_KEY = "harvest_segment"
 FINISHED_KEY = "harvest_finished"
 
@@ -84,7 +88,7 @@ class HarvestSummary:
         ]
 
 
-def check_harvest_settings(cfg: object) -> None:
+def check_harvest_settings(cfg: Config) -> None:
     """Semantic checks of cfg.harvest / cfg.data that the type checker of settings cannot make."""
     hv, data = cfg.harvest, cfg.data
     positive = {"harvest.batch_size": hv.batch_size, "harvest.shuffle_window": hv.shuffle_window,
@@ -98,17 +102,6 @@ def check_harvest_settings(cfg: object) -> None:
         raise HarvestError(f"harvest.backend={hv.backend!r} is not a cache backend; use safetensors or zarr")
     if hv.zarr_compression is not None and hv.backend != "zarr":
         raise HarvestError("harvest.zarr_compression applies to harvest.backend=zarr only; unset it or use zarr")
-
-
-def _existing_manifest(path: Path) -> dict | None:
-    """The manifest of a cache already at `path`, or None (no cache, or one the writer must judge)."""
-    if not (path / "manifest.json").is_file():
-        return None
-    try:
-        with cache.open_cache(path, allow_incomplete=True) as c:
-            return c.manifest
-    except (ValueError, OSError):
-        return None  # damaged or foreign: CacheWriter gives the precise error
 
 
 def _budget_exceeds(new: int | None, old: int | None) -> bool:
@@ -135,14 +128,11 @@ def plan_segment(existing: dict | None, same: bool, budget: int | None) -> tuple
     return Segment(budget, {s: int(done["next_sequence"][s]) for s in SPLITS}), "extended"
 
 
-def differences(existing: dict, run: _Run, hv: object) -> list[str]:
-    """Identity keys and layout fields on which the cache at the output differs from this run."""
-    old = existing["identity"]
-    diffs = sorted(k for k in set(old) | set(run.identity) if old.get(k) != run.identity.get(k))
-    layout = {"layers": run.layers, "d_model": run.d_model, "dtype": dtype_name(run.store_dtype),
-              "backend": hv.backend, "shard_rows": hv.shard_rows}
-    return diffs + [f"harvest.{k}" if k in ("backend", "shard_rows") else k
-                    for k, v in layout.items() if existing.get(k) != v and k not in diffs]
+def requested_manifest(run: _Run, hv: HarvestConfig) -> dict:
+    """The cache this run would write (identity and layout), for the cache package to judge the folder."""
+    return manifest_mod.new(identity=run.identity, metadata={}, layers=run.layers, d_model=run.d_model,
+                            dtype=dtype_name(run.store_dtype), backend=hv.backend, shard_rows=hv.shard_rows,
+                            zarr_compression=hv.zarr_compression)
 
 
 def _start_points(committed: dict | None, seg: Segment) -> tuple[dict[str, int], dict[str, int]]:
@@ -159,22 +149,8 @@ def _start_points(committed: dict | None, seg: Segment) -> tuple[dict[str, int],
     return starts, offsets
 
 
-def _refuse_early(out: Path, existing: dict | None, diffs: list[str], overwrite: bool) -> None:
-    """The writer's refusals, checked before a large model is loaded for nothing."""
-    if existing is None and (merge.rank_folders(out) or merge.merge_pending(out)):
-        raise HarvestError(f"harvest.output={out} holds an unfinished harvest by several processes (rank-* folders); "
-                           f"rerun it under torchrun with the same --nproc-per-node (make harvest NPROC=N), or "
-                           f"choose another harvest.output")
-    if existing is None and out.is_dir() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise HarvestError(f"harvest.output={out} is not empty and holds no cache; refusing to touch it: "
-                           f"choose a new or empty folder")
-    if existing is not None and diffs and not overwrite:
-        raise HarvestError(f"cache at {out} was written with different settings ({', '.join(diffs)} differ); "
-                           f"use --overwrite (OVERWRITE=1) to replace it, or choose another harvest.output")
-
-
-def harvest_stream(lm: LoadedModel, sequences: object, writer: cache.CacheWriter, *, layers: list[int],
-                   store_dtype: torch.dtype, seed: int, batch_size: int, shuffle_window: int,
+def harvest_stream(lm: LoadedModel, sequences: Iterable[PackedSequence], writer: cache.CacheWriter, *,
+                   layers: list[int], store_dtype: torch.dtype, seed: int, batch_size: int, shuffle_window: int,
                    starts: dict[str, int], offsets: dict[str, int], pad_id: int,
                    progress: tqdm | None = None, owns: Callable[[str, int], bool] | None = None) -> dict[str, int]:
     """Harvest an iterator of PackedSequence into `writer`, windows anchored at `starts` (the first
@@ -200,15 +176,7 @@ def harvest_stream(lm: LoadedModel, sequences: object, writer: cache.CacheWriter
     return next_seq
 
 
-def _pad_id(tokenizer: object) -> int:
-    # Padding is masked out and never cached; any valid id will do when the tokenizer has none.
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-def harvest(cfg: object, *, progress: bool = True, owns: Callable[[str, int], bool] | None = None,
+def harvest(cfg: Config, *, progress: bool = True, owns: Callable[[str, int], bool] | None = None,
             extra_metadata: dict | None = None) -> HarvestSummary:
     """Run stage 1 for `cfg` (a settings.Config): fresh, resumed, extended or a no-op. An existing
     cache with the same identity is continued even with `harvest.overwrite` (overwrite only permits
@@ -217,25 +185,25 @@ def harvest(cfg: object, *, progress: bool = True, owns: Callable[[str, int], bo
     t0 = time.perf_counter()
     run = _prepare(cfg)
     out = Path(cfg.harvest.output)
-    existing = _existing_manifest(out)
-    diffs = differences(existing, run, cfg.harvest) if existing is not None else []
-    _refuse_early(out, existing, diffs, cfg.harvest.overwrite)
-    seg, status = plan_segment(existing, not diffs, cfg.harvest.max_tokens)
+    try:  # the cache package decides, before a large model is loaded for nothing
+        action = folder.plan_write(folder.survey(out, requested_manifest(run, cfg.harvest)),
+                                   overwrite=cfg.harvest.overwrite)
+    except folder.FolderRefused as e:
+        raise HarvestError(f"harvest.output: {e}") from e
+    existing = folder.existing_manifest(out) if action == "continue" else None
+    seg, status = plan_segment(existing, True, cfg.harvest.max_tokens)
     if seg is None:
         return _summary(out, status, 0, t0, 0.0)
     mc = cfg.model
     lm = load_model(run.resolved, revision=mc.revision, dtype=dtype_name(run.compute_dtype), device=str(run.device),
                     trust_remote_code=mc.trust_remote_code, device_map=mc.device_map)
-    # Replace only a different cache, or one whose manifest cannot be read (the writer names the damage).
-    damaged = existing is None and (out / "manifest.json").exists()
-    replace = cfg.harvest.overwrite and (bool(diffs) or damaged)
     t_loop = time.perf_counter()
-    new_rows = _run_segments(cfg, lm, run, out, seg, committed=existing if not diffs else None,
-                             overwrite=replace, progress=progress, owns=owns, extra_metadata=extra_metadata or {})
+    new_rows = _run_segments(cfg, lm, run, out, seg, committed=existing, overwrite=action == "replace",
+                             progress=progress, owns=owns, extra_metadata=extra_metadata or {})
     return _summary(out, status, new_rows, t0, time.perf_counter() - t_loop)
 
 
-def _run_segments(cfg: object, lm: LoadedModel, run: _Run, out: Path, seg: Segment | None, *,
+def _run_segments(cfg: Config, lm: LoadedModel, run: _Run, out: Path, seg: Segment | None, *,
                   committed: dict | None, overwrite: bool, progress: bool, owns: Callable[[str, int], bool] | None,
                   extra_metadata: dict) -> int:
     """Run `seg` and whatever follows it (an extension after a resumed segment); returns rows written."""
@@ -266,7 +234,7 @@ def _run_segments(cfg: object, lm: LoadedModel, run: _Run, out: Path, seg: Segme
         except BaseException:
             writer.close()
             raise
-        committed = _existing_manifest(out)
+        committed = folder.existing_manifest(out)
         seg, _ = plan_segment(committed, True, hv.max_tokens)
     return new_rows
 
@@ -281,11 +249,11 @@ class _Run:
     device: torch.device
     compute_dtype: torch.dtype
     store_dtype: torch.dtype
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     identity: dict
 
 
-def _prepare(cfg: object) -> _Run:
+def _prepare(cfg: Config) -> _Run:
     check_harvest_settings(cfg)
     mc, hv = cfg.model, cfg.harvest
     resolved = text.resolve_model_path(mc.language_model_path)
@@ -295,7 +263,7 @@ def _prepare(cfg: object) -> _Run:
         raise HarvestError(f"cannot tell the block count or width of model {mc.language_model_path} (its config "
                            f"has no num_hidden_layers/n_layer or hidden_size/n_embd)")
     layers = parse_layers(hv.layers, n_blocks)
-    device = resolve_device(hv.device)
+    device = resolve_device(hv.device, key="harvest.device")
     compute_dtype = resolve_dtype(hv.dtype, device)
     store_dtype = compute_dtype if hv.store_dtype == "auto" else resolve_dtype(hv.store_dtype, device,
                                                                                 key="harvest.store_dtype")
@@ -319,8 +287,8 @@ def _summary(out: Path, status: str, new_rows: int, t0: float, loop_seconds: flo
     return HarvestSummary(str(out), status, rows, new_rows, size, time.perf_counter() - t0, loop_seconds)
 
 
-def _run_segment(cfg: object, lm: LoadedModel, run: _Run, writer: cache.CacheWriter, seg: Segment,
-                 stream: object, starts: dict[str, int], offsets: dict[str, int], progress: bool,
+def _run_segment(cfg: Config, lm: LoadedModel, run: _Run, writer: cache.CacheWriter, seg: Segment,
+                 stream: Iterator[PackedSequence], starts: dict[str, int], offsets: dict[str, int], progress: bool,
                  owns: Callable[[str, int], bool] | None) -> int:
     """Harvest one segment into an open writer and finish it; returns the rows written."""
     hv = cfg.harvest
@@ -330,7 +298,7 @@ def _run_segment(cfg: object, lm: LoadedModel, run: _Run, writer: cache.CacheWri
     try:
         next_seq = harvest_stream(lm, stream, writer, layers=run.layers, store_dtype=run.store_dtype,
                                   seed=cfg.data.seed, batch_size=hv.batch_size, shuffle_window=hv.shuffle_window,
-                                  starts=starts, offsets=offsets, pad_id=_pad_id(run.tokenizer), progress=bar,
+                                  starts=starts, offsets=offsets, pad_id=pad_id(run.tokenizer), progress=bar,
                                   owns=owns)
         writer.flush()
         rows = {s: writer.rows_written(s) for s in SPLITS}

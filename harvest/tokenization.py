@@ -106,6 +106,15 @@ class SpecialLayout:
         return len(self.prefix) + len(self.suffix)
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padded positions: the tokenizer's pad, else EOS, else SEP, else 0. Padding is
+    masked out and never cached or scored, so any valid id will do when the tokenizer has none."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
 def special_layout(tokenizer: PreTrainedTokenizerBase) -> SpecialLayout:
     """What the tokenizer adds to a text (found by encoding a probe with and without special
     tokens), plus `bos_token` in front when it adds nothing there (GPT-2, Pythia: the attention

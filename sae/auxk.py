@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae.collective import GlobalBatch
 from sae.selection import select_dead_topk
 from sae.sparse_decode import decode_selected, gather_preacts
 
@@ -52,3 +53,13 @@ def auxk_loss(
     degenerate = den <= 1e-6 * e.pow(2).sum()
     ratio = num / den.clamp_min(torch.finfo(den.dtype).tiny)
     return torch.where(~degenerate & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+
+
+def auxk_global_share(out: dict[str, Tensor], aux_local: Tensor, g: GlobalBatch) -> Tensor:
+    """Data parallelism: this rank's AuxK `num_r / den_local` -> W * num_r / den_global, so that the
+    shares summed over ranks and divided by W give the global batch's AuxK (its normaliser is the
+    global residual variance). Zero where the global residual has no variance, as in `auxk_loss`."""
+    e = (out["target"].detach() - out["sae_out"].detach()).reshape(out["target"].shape[0], -1).double()
+    den_local = (e - e.mean(0)).pow(2).sum().to(aux_local.dtype)
+    share = g.world * aux_local * den_local / g.err_var.to(aux_local.dtype).clamp_min(1e-300)
+    return torch.where(g.err_var <= 1e-6 * g.err_sq, torch.zeros_like(share), share)

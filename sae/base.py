@@ -1,5 +1,17 @@
 """The contract every SAE in the zoo keeps, and the machinery they share.
 
+The SAE owns its training behaviour: every hook the trainer calls has its default here, and an
+architecture overrides what it does differently (train/ names no architecture):
+- `forward`/`loss` (and `sparse_acts`: whether the training forward may skip the dense latents);
+- `fired` (which latents count as alive for the dead-latent counters and AuxK);
+- `update_after_step` (every step, e.g. JumpReLU's theta >= 0) and `estimate_threshold` (from
+  `training.threshold_start_step` on: BatchTopK's running inference threshold);
+- `calibrate` (after training, from a few training batches: BatchTopK's final threshold);
+- `routed` (reads [B, n_layers, d_in] from several cache layers) and `resolve_settings` (defaults
+  implied by the type, checks of its own settings at config load);
+- `use_collective` / `global_losses` (data parallelism: cross-rank selection, global normalisers);
+- `to_saelens` (the SAELens layout of its weights, for export).
+
 Units: an SAE is applied to *raw* activations. Training normalises each layer by one scalar
 (`input_scale`, so that E||x * scale|| = sqrt(d) on the training split); the scale is a buffer
 saved with the weights, so a saved SAE needs nothing else.
@@ -13,9 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,120 +35,29 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+import durable
+from sae.collective import LOCAL, Collective, GlobalBatch, global_batch
+from sae.config import SAEConfig, SAESettings
+
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
 FORMAT_VERSION = 1
-
-
-_INT_KEYS = ("hidden_size", "latent_size", "k", "n_layers")
-_FLOAT_KEYS = ("threshold", "bandwidth", "aux_k_coef", "threshold_momentum")
-_STR_KEYS = ("type", "base_sae_type", "routing", "aggre", "decode_impl")
-
-
-@dataclass
-class SAEConfig:
-    """What defines an SAE's shape and math. Keys follow the original SAEs README."""
-
-    type: str
-    hidden_size: int  # d_in
-    latent_size: int  # d_sae
-    k: int = 32  # TopK family: active latents per token (BatchTopK: on average)
-    threshold: float = 0.001  # JumpReLU: initial theta
-    bandwidth: float = 0.001  # JumpReLU: STE rectangle width epsilon
-    group_sizes: list[int] | None = None  # Matryoshka: nested group sizes, sum == latent_size
-    base_sae_type: str = "topk"  # Route*: the shared SAE ("topk" or "matryoshka")
-    routing: str = "hard"  # Route*: "hard" | "soft"
-    aggre: str = "sum"  # Route*: "sum" | "mean" router input
-    n_layers: int = 1  # Route*: number of routed layers; 1 for single-layer SAEs
-    aux_k: int | None = None  # AuxK latents; None -> hidden_size // 2
-    aux_k_coef: float = 1.0 / 32.0
-    threshold_momentum: float = 0.99  # BatchTopK / Matryoshka: EMA of the inference threshold
-    layers: list[int] = field(default_factory=list)  # cache blocks this SAE reads (provenance)
-    # TopK family: "sparse" (embedding_bag decode, sparse backward), "dense" (GEMMs), or "auto"
-    # (sparse where bench/bench_sae_decode.py measured it faster). Speed only: the math is the same.
-    decode_impl: str = "auto"
-
-    def validate(self) -> None:
-        self._check_types()
-        if self.hidden_size <= 0 or self.latent_size <= 0:
-            raise ValueError("hidden_size and latent_size must be positive")
-        if not 0 < self.k <= self.latent_size:
-            raise ValueError(f"k={self.k} must be in 1..latent_size={self.latent_size}")
-        if self.group_sizes is not None:
-            if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
-                raise ValueError(f"group_sizes {self.group_sizes} must be a non-empty list of positive sizes")
-            if sum(self.group_sizes) != self.latent_size:
-                raise ValueError(
-                    f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, "
-                    f"but latent_size is {self.latent_size}; make them add up"
-                )
-        if self.routing not in ("hard", "soft"):
-            raise ValueError(f"routing must be 'hard' or 'soft', got {self.routing!r}")
-        if self.aggre not in ("sum", "mean"):
-            raise ValueError(f"aggre must be 'sum' or 'mean', got {self.aggre!r}")
-        if self.base_sae_type not in ("topk", "matryoshka"):
-            raise ValueError(f"base_sae_type must be 'topk' or 'matryoshka', got {self.base_sae_type!r}")
-        if self.decode_impl not in ("auto", "sparse", "dense"):
-            raise ValueError(f"decode_impl must be 'auto', 'sparse' or 'dense', got {self.decode_impl!r}")
-        if self.n_layers < 1:
-            raise ValueError("n_layers must be >= 1")
-        if self.layers and len(self.layers) != self.n_layers:
-            raise ValueError(f"layers {self.layers} do not match n_layers={self.n_layers}")
-        if self.aux_k is not None and self.aux_k <= 0:
-            raise ValueError(f"aux_k={self.aux_k} must be positive (or null for hidden_size // 2)")
-        if not 0.0 <= self.threshold_momentum < 1.0:
-            raise ValueError(f"threshold_momentum={self.threshold_momentum} must be in [0, 1)")
-
-    def _check_types(self) -> None:
-        # Configs also arrive from sae.json files on disk: wrong types must fail here, by name.
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_int_list(v: Any) -> bool:
-            return isinstance(v, list) and all(is_int(i) for i in v)
-
-        for key in _INT_KEYS:
-            if not is_int(getattr(self, key)):
-                raise TypeError(f"SAE config key {key!r} must be an integer, got {getattr(self, key)!r}")
-        for key in _FLOAT_KEYS:
-            v = getattr(self, key)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
-                raise TypeError(f"SAE config key {key!r} must be a finite number, got {v!r}")
-        for key in _STR_KEYS:
-            if not isinstance(getattr(self, key), str):
-                raise TypeError(f"SAE config key {key!r} must be a string, got {getattr(self, key)!r}")
-        if self.aux_k is not None and not is_int(self.aux_k):
-            raise TypeError(f"SAE config key 'aux_k' must be an integer or null, got {self.aux_k!r}")
-        if self.group_sizes is not None and not is_int_list(self.group_sizes):
-            raise TypeError(f"SAE config key 'group_sizes' must be a list of integers, got {self.group_sizes!r}")
-        if not is_int_list(self.layers):
-            raise TypeError(f"SAE config key 'layers' must be a list of integers, got {self.layers!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"an SAE config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SAE config keys {unknown}; known: {sorted(known)}")
-        missing = sorted(k for k in ("type", "hidden_size", "latent_size") if k not in data)
-        if missing:
-            raise ValueError(f"SAE config lacks required keys {missing}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
 
 
 class BaseSAE(nn.Module, ABC):
     """Every architecture: one subclass in its own file, registered with `sae.registry.register`."""
 
     type_name: ClassVar[str] = "BaseSAE"
+    input_scale: Tensor  # buffer [n_layers]
+    W_dec: Tensor  # [d_sae, d_in]: every architecture here has a decoder (normalize_decoder, export)
     # Routed SAEs take [B, n_layers, d_in] and splice through `reconstruct_routed`.
     routed: ClassVar[bool] = False
     # True where `forward(x, dense_acts=False)` skips the dense [B, d_sae] `feature_acts` (the
     # TopK family's training fast path; `fired` then reads the kept indices).
     sparse_acts: ClassVar[bool] = False
+    # Loss terms that are not means over tokens (AuxK's ratio). Under data parallelism
+    # `global_losses` turns each into this rank's share: the sum of the shares / W is the global value.
+    ratio_terms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -154,6 +75,12 @@ class BaseSAE(nn.Module, ABC):
         self.cfg = cfg
         # One scalar per routed layer (one for single-layer SAEs): x_normalised = x_raw * scale.
         self.register_buffer("input_scale", torch.ones(cfg.n_layers))
+        self.collective: Collective = LOCAL
+
+    @classmethod
+    def check_settings(cls, settings: SAESettings) -> None:  # noqa: B027 - optional hook
+        """This architecture's own rules on its settings, checked when a config is loaded and when the
+        SAE is built (raise ValueError naming the key and the fix). None by default."""
 
     @property
     def d_in(self) -> int:
@@ -207,7 +134,48 @@ class BaseSAE(nn.Module, ABC):
         return (out["feature_acts"] != 0).any(dim=0)
 
     def update_after_step(self, out: dict[str, Tensor]) -> None:  # noqa: B027 - optional hook
-        """Per-step state outside the optimiser (BatchTopK's inference threshold)."""
+        """Per-step state outside the optimiser, after every optimiser step (JumpReLU: theta >= 0)."""
+
+    def estimate_threshold(self, out: dict[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Update a running estimate of an inference threshold from a training step's output. The
+        trainer calls it after each step from `training.threshold_start_step` on (BatchTopK family)."""
+
+    def calibrate(self, batches: Iterable[Tensor]) -> dict[str, float] | None:
+        """After training: set inference state from raw training batches (iterated lazily: an SAE
+        with nothing to calibrate reads none). Returns what changed, for the SAE's meta, or None."""
+        return None
+
+    def use_collective(self, collective: Collective) -> None:
+        """Train as one rank of a data-parallel run whose reductions `collective` performs."""
+        self.collective = collective
+
+    def global_losses(self, out: dict[str, Tensor], losses: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+        """This rank's loss terms -> (terms whose `total`, once gradients are averaged over ranks,
+        back-propagates as the global batch's loss; the global batch size). Every term is a mean over
+        tokens unless named in `ratio_terms`; `fvu` becomes the global batch's."""
+        g = global_batch(out, self.collective)
+        terms = dict(losses)
+        terms["total"] = g.token_weight * losses["total"]
+        terms["fvu"] = g.fvu().to(losses["total"].dtype)
+        return self.global_ratio_terms(out, losses, terms, g), g.n
+
+    def global_ratio_terms(self, out: dict[str, Tensor], losses: dict[str, Tensor], terms: dict[str, Tensor],
+                           g: GlobalBatch) -> dict[str, Tensor]:
+        """Correct `terms` (already token-weighted) for the terms in `ratio_terms`; none by default."""
+        return terms
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """(SAELens architecture, its float32 weights with `input_scale` folded in, extra cfg.json keys).
+        Refused by default: only architectures with a SAELens counterpart override it."""
+        raise ValueError(f"{type(self).type_name} has no SAELens counterpart; it cannot be exported")
+
+    def _saelens_folded(self, enc: str = "W_enc", transpose: bool = False) -> dict[str, Tensor]:
+        """W_enc' = s W_enc (as [d_in, d_sae]), W_dec' = W_dec / s, b_dec' = b_dec / s; pre-activations,
+        hence thresholds, are unchanged. `transpose` for encoders kept as [d_sae, d_in]."""
+        s = float(self.input_scale[0])
+        p = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
+        w_enc = p[enc].T if transpose else p[enc]
+        return {**p, "W_enc": (w_enc * s).contiguous(), "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
 
     @torch.no_grad()
     def set_input_scale(self, scale: Tensor | float) -> None:
@@ -237,11 +205,12 @@ class BaseSAE(nn.Module, ABC):
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """Initialise from a sample of raw activations (default: b_dec = geometric median)."""
-        if hasattr(self, "b_dec"):
+        b_dec = getattr(self, "b_dec", None)
+        if isinstance(b_dec, Tensor):
             xn = self.normalise(x.float())
             if xn.dim() == 3:  # routed: the shared SAE sees routed vectors; sum/mean over layers
                 xn = xn.mean(dim=1)
-            self.b_dec.copy_(geometric_median(xn).to(self.b_dec.dtype))
+            b_dec.copy_(geometric_median(xn).to(b_dec.dtype))
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -255,10 +224,9 @@ class BaseSAE(nn.Module, ABC):
         # Both files are complete on disk under temporary names before either replaces an old one.
         tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
         save_file(tensors, str(tmp_w))
-        _fsync(tmp_w)
-        _write_synced(tmp_c, text)
-        tmp_w.replace(path / WEIGHTS_FILE)
-        tmp_c.replace(path / CONFIG_FILE)
+        durable.write_synced(tmp_c, text)
+        durable.publish(tmp_w, path / WEIGHTS_FILE)
+        durable.publish(tmp_c, path / CONFIG_FILE)
         return path
 
 
@@ -330,15 +298,3 @@ def kaiming_unit_rows(d_sae: int, d_in: int, generator: torch.Generator | None =
     """A [d_sae, d_in] decoder with random directions of unit norm."""
     w = torch.randn(d_sae, d_in, generator=generator) / math.sqrt(d_in)
     return w / w.norm(dim=1, keepdim=True)
-
-
-def _fsync(target: Path) -> None:
-    with open(target, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _write_synced(target: Path, data: bytes) -> None:
-    with open(target, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -17,6 +17,8 @@ from it at all (DL's version lets b_dec learn from it through the encoder input)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -92,3 +94,8 @@ class GatedSAE(BaseSAE):
         aux_out = out["gate_acts_sg"] @ self.W_dec.detach() + self.b_dec.detach()
         aux = squared_error(aux_out, out["target"])
         return {"mse": mse, "l1": l1, "aux": aux, "total": mse + l1_coefficient * l1 + aux}
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """SAELens "gated" (W_gate becomes its W_enc)."""
+        p = self._saelens_folded("W_gate")
+        return "gated", {k: p[k] for k in ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")}, {}

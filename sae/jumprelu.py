@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae.base import BaseSAE, SAEConfig
+from sae.base import BaseSAE, SAEConfig, SAESettings
 from sae.registry import register
 from sae.vanilla import require_single_layer, squared_error, tied_init
 
@@ -98,17 +98,21 @@ class JumpReLUSAE(BaseSAE):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         require_single_layer(cfg, type(self).__name__)
-        if cfg.threshold < 0 or cfg.bandwidth <= 0:
-            raise ValueError(
-                f"JumpReLU needs threshold >= 0 and bandwidth > 0, got threshold={cfg.threshold}, "
-                f"bandwidth={cfg.bandwidth}; set model.threshold / model.bandwidth"
-            )
         w_enc, w_dec = tied_init(cfg.latent_size, cfg.hidden_size)
         self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.latent_size))
         self.threshold = nn.Parameter(torch.full((cfg.latent_size,), float(cfg.threshold)))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.hidden_size))
+
+    @classmethod
+    def check_settings(cls, settings: SAESettings) -> None:
+        super().check_settings(settings)
+        if settings.threshold < 0 or settings.bandwidth <= 0:
+            raise ValueError(
+                f"JumpReLU needs threshold >= 0 and bandwidth > 0, got threshold={settings.threshold}, "
+                f"bandwidth={settings.bandwidth}; set model.threshold / model.bandwidth"
+            )
 
     def _pre_acts(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -141,12 +145,17 @@ class JumpReLUSAE(BaseSAE):
         l0 = step(out["pre_acts"], self.threshold, self.cfg.bandwidth).sum(dim=-1).mean()
         return {"mse": mse, "l0": l0, "total": mse + l1_coefficient * l0}
 
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """SAELens "jumprelu" (theta as it is: pre-activations are unchanged by the folded scale)."""
+        p = self._saelens_folded()
+        return "jumprelu", {k: p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}, {}
+
     @torch.no_grad()
     def update_after_step(self, out: dict[str, Tensor]) -> None:
         """Project theta onto theta >= 0 (see the module docstring)."""
         self.threshold.clamp_(min=0.0)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         # .to(bf16)/.half() would round theta; keep its float32 values and follow only the device.
         keep = self.threshold.detach().clone()
         super()._apply(fn, recurse)

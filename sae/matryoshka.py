@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.base import SAEConfig
+from sae.base import SAEConfig, SAESettings
 from sae.batchtopk import BatchTopKSAE
 from sae.registry import register
 from sae.selection import Selection
@@ -30,19 +30,27 @@ from sae.sparse_decode import decode_selected, densify
 
 @register("MatryoshkaSAE", "matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
+    group_ends: Tensor  # buffer [G]: m_1..m_G
+    @classmethod
+    def check_settings(cls, settings: SAESettings) -> None:
+        super().check_settings(settings)
+        if settings.group_sizes is None:
+            n = settings.latent_size
+            raise ValueError(f"{settings.type} needs model.group_sizes (nested group sizes summing to latent_size="
+                             f"{n}), e.g. [{n // 4}, {n - n // 4}]")
+
     def __init__(self, cfg: SAEConfig):
-        if cfg.group_sizes is None:
-            raise ValueError(
-                f"{cfg.type} needs model.group_sizes (nested group sizes summing to latent_size="
-                f"{cfg.latent_size}), e.g. [{cfg.latent_size // 4}, {cfg.latent_size - cfg.latent_size // 4}]"
-            )
         super().__init__(cfg)
         ends = torch.tensor(cfg.group_sizes).cumsum(0)
         self.register_buffer("group_ends", ends, persistent=False)  # m_1..m_G
 
     @property
     def n_groups(self) -> int:
-        return len(self.cfg.group_sizes)
+        return len(self.group_sizes)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return list(self.cfg.group_sizes or ())  # check_settings guarantees it is set
 
     def _decode_out(self, sel: Selection, vals: Tensor) -> dict[str, Tensor]:
         """-> `sae_out` [B, d_in] (all groups) and `prefix_out` [B, G, d_in] (prefix i in [:, i])."""
@@ -61,10 +69,10 @@ class MatryoshkaSAE(BatchTopKSAE):
             parts = decode_selected(by_group, v, self.W_dec, "sparse").view(sel.n_rows, g, self.d_in)
         else:
             f = densify(sel, vals)
-            starts = [0, *self.cfg.group_sizes[:-1]]
+            starts = [0, *self.group_sizes[:-1]]
             bounds = torch.tensor(starts).cumsum(0).tolist()
             parts = torch.stack(
-                [f[:, s : s + n] @ self.W_dec[s : s + n] for s, n in zip(bounds, self.cfg.group_sizes, strict=True)],
+                [f[:, s : s + n] @ self.W_dec[s : s + n] for s, n in zip(bounds, self.group_sizes, strict=True)],
                 dim=1,
             )
         prefix = parts.cumsum(dim=1) + self.b_dec

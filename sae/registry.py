@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from sae.base import BaseSAE
 
+SAE = TypeVar("SAE", bound="BaseSAE")
 _CLASSES: dict[str, type[BaseSAE]] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register(name: str, *aliases: str):
+def register(name: str, *aliases: str) -> Callable[[type[SAE]], type[SAE]]:
     """Class decorator: `@register("TopKSAE", "topk")`. Refuses a name or alias used twice."""
 
-    def wrap(cls: type[BaseSAE]) -> type[BaseSAE]:
+    def wrap(cls: type[SAE]) -> type[SAE]:
         for key in (name, *aliases):
             if key in _CLASSES or key in _ALIASES:
                 raise ValueError(f"SAE name {key!r} is registered twice")
@@ -25,6 +27,13 @@ def register(name: str, *aliases: str):
         return cls
 
     return wrap
+
+
+def unregister(name: str) -> None:
+    """Remove a class and its aliases (a class defined in a test, registered for its duration)."""
+    _CLASSES.pop(name, None)
+    for alias in [a for a, c in _ALIASES.items() if c == name]:
+        del _ALIASES[alias]
 
 
 def canonical(name: str) -> str:

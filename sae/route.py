@@ -28,31 +28,41 @@ layers, so it has no single raw unit).
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any, ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.base import SAEConfig, geometric_median
+from sae.base import SAEConfig, SAESettings, geometric_median
 from sae.matryoshka import MatryoshkaSAE
 from sae.registry import register
 from sae.sparse_decode import densify
 from sae.topk import TopKSAE
 
 
-class _Routed:
-    """Routing around a TopK-family SAE. Mixed in before the SAE class, which it reuses on x_route."""
+class _Routed(TopKSAE):
+    """Routing around a TopK-family SAE. Comes before the SAE class in the bases (RouteMatryoshkaSAE:
+    before MatryoshkaSAE), so its methods wrap that class's, which it reuses on x_route. Not registered."""
 
     routed = True
     recon_name = "nmse"
-    base_sae_type = "topk"
+    base_sae_type: ClassVar[Literal["topk", "matryoshka"]] = "topk"
+
+    @classmethod
+    def check_settings(cls, settings: SAESettings) -> None:
+        super().check_settings(settings)
+        if settings.base_sae_type not in (None, cls.base_sae_type):
+            raise ValueError(
+                f"{cls.type_name} shares a {cls.base_sae_type!r} SAE, but model.base_sae_type is "
+                f"{settings.base_sae_type!r}; use type {'route_matryoshka' if cls.base_sae_type == 'topk' else 'route'}"
+                f" or set base_sae_type: {cls.base_sae_type} (or leave it unset)"
+            )
 
     def _init_router(self, cfg: SAEConfig) -> None:
-        if cfg.base_sae_type != self.base_sae_type:
-            other = "route_matryoshka" if cfg.base_sae_type == "matryoshka" else "route"
-            raise ValueError(
-                f"{type(self).type_name} shares a {self.base_sae_type!r} SAE, but model.base_sae_type is "
-                f"{cfg.base_sae_type!r}; use type {other} or set base_sae_type: {self.base_sae_type}"
-            )
+        if cfg.base_sae_type is None:  # the one this type implies, recorded in sae.json
+            self.cfg = replace(self.cfg, base_sae_type=self.base_sae_type)
         self.router = nn.Linear(cfg.hidden_size, cfg.n_layers, bias=False)
         if self.router.out_features != cfg.n_layers:  # the router's size is the routed layer count
             raise AssertionError("router size must equal n_layers")
@@ -103,8 +113,8 @@ class _Routed:
         """Latents [..., d_sae] -> x_route reconstruction [..., d_in] in normalised units."""
         return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Same as `reconstruct_routed`."""
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """Same as `reconstruct_routed`: a routed splice needs the layer as well as the reconstruction."""
         return self.reconstruct_routed(x)
 
     def reconstruct_routed(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,6 +132,9 @@ class _Routed:
         """NMSE_tok: mean over tokens of ||target - recon||^2 / ||target||^2."""
         per_token = (target - recon).pow(2).sum(dim=-1) / target.pow(2).sum(dim=-1).clamp_min(1e-12)
         return per_token.mean()
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        raise ValueError(f"{type(self).type_name} has no SAELens counterpart: SAELens has no routed SAE")
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

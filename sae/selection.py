@@ -12,9 +12,13 @@ Selections are computed without gradient; the values that carry gradient come fr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sae.collective import Collective
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,23 @@ def select_batch_topk(a: Tensor, k: int) -> Selection:
     """BatchTopK: the k*B largest entries of a [B, M] over the whole batch; per-row counts vary."""
     b, _ = a.shape
     return select_flat(batch_topk_flat(a, k * b, candidates_per_row=2 * k), (b, a.shape[1]))
+
+
+@torch.no_grad()
+def select_global_batch_topk(z: Tensor, k: int, c: Collective) -> Selection:
+    """BatchTopK over a data-parallel global batch: the entries of this rank's z [b, M] among the
+    top k*B of all ranks' rows (B the global row count). Each rank proposes its own top k*B (the
+    global top k*B holds at most that many of its entries), the candidate values are gathered, and
+    the k*B-th largest is the cut-off; equal to the 1-process selection, ties at the cut-off aside."""
+    b, m = z.shape
+    n_global = k * int(c.all_sum(torch.tensor([b], device=z.device)).item())
+    n_cand = min(n_global, b * m)
+    flat = batch_topk_flat(z, n_cand, candidates_per_row=2 * k)
+    vals = z.reshape(-1)[flat]
+    padded = torch.full((n_global,), float("-inf"), dtype=z.dtype, device=z.device)
+    padded[:n_cand] = vals
+    cut = torch.cat(c.all_gather(padded)).topk(n_global, sorted=False).values.min()
+    return select_flat(flat[vals >= cut], (b, m))
 
 
 @torch.no_grad()

@@ -20,12 +20,15 @@ gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.auxk import auxk_loss
+from sae.auxk import auxk_global_share, auxk_loss
 from sae.base import BaseSAE, SAEConfig, default_aux_k, kaiming_unit_rows
+from sae.collective import GlobalBatch
 from sae.registry import register
 from sae.selection import Selection, select_topk
 from sae.sparse_decode import decode_selected, densify, gather_preacts
@@ -40,6 +43,7 @@ AUTO_SPARSE_MIN_LATENTS = {"cpu": 0, "cuda": 0}
 @register("TopKSAE", "topk")
 class TopKSAE(BaseSAE):
     sparse_acts = True
+    ratio_terms = ("auxk",)
     recon_name = "mse"  # name of the optimised reconstruction term in `loss`
 
     def __init__(self, cfg: SAEConfig):
@@ -157,3 +161,18 @@ class TopKSAE(BaseSAE):
             return super().fired(out)
         cols = out["sel_idx"][out["sel_val"].detach() > 0]
         return torch.zeros(self.d_sae, dtype=torch.bool, device=cols.device).index_fill_(0, cols, True)
+
+    def global_ratio_terms(self, out: dict[str, Tensor], losses: dict[str, Tensor], terms: dict[str, Tensor],
+                           g: GlobalBatch) -> dict[str, Tensor]:
+        """AuxK's normaliser is the global batch's: swap the token-weighted local term for this rank's share."""
+        if "auxk" not in losses:
+            return terms
+        share = auxk_global_share(out, losses["auxk"], g)
+        total = terms["total"] + self.cfg.aux_k_coef * (share - g.token_weight * losses["auxk"])
+        return {**terms, "auxk": share, "total": total}
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """SAELens "topk" (its encoder as [d_in, d_sae]: ours keeps nn.Linear's [d_sae, d_in])."""
+        p = self._saelens_folded(transpose=True)
+        return "topk", {k: p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, \
+            {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

@@ -11,6 +11,8 @@ the decoder), so the trainer keeps decoder rows unit-norm (`normalize_decoder`,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -57,6 +59,11 @@ class VanillaSAE(BaseSAE):
         mse = squared_error(out["sae_out"], out["target"])
         l1 = out["feature_acts"].float().abs().sum(dim=-1).mean()
         return {"mse": mse, "l1": l1, "total": mse + l1_coefficient * l1}
+
+    def to_saelens(self) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
+        """SAELens "standard"."""
+        p = self._saelens_folded()
+        return "standard", {k: p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, {}
 
 
 def require_single_layer(cfg: SAEConfig, name: str) -> None:

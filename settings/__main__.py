@@ -12,7 +12,11 @@ from settings.load import ConfigError, load_config, to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m settings", description=__doc__)
+    from settings.describe import describe, help_formatter
+
+    sections = ["model", "data", "harvest", "training", "wandb", "evaluate"]
+    parser = argparse.ArgumentParser(prog="python -m settings", description=__doc__, epilog=describe(sections),
+                                     formatter_class=help_formatter)
     parser.add_argument("command", choices=["show", "get"])
     parser.add_argument("key", nargs="?", help="section.key, for get")
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), later ones win")

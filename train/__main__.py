@@ -44,11 +44,11 @@ def preset_type(preset: Path) -> str:
         raise ConfigError(f"preset {preset} sets no model.type") from None
 
 
-def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tuple[list[Path], list[str]]:
+def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tuple[list[str | Path], list[str]]:
     """(YAML files to merge, extra overrides) for MODEL; raises ConfigError for an unknown MODEL."""
     import sae
 
-    files = [base] if base is not None else []
+    files: list[str | Path] = [base] if base is not None else []
     preset = presets / f"{model}.yaml"
     if preset.is_file():
         return [preset, *files], [f"model.type={preset_type(preset)}"]
@@ -60,7 +60,11 @@ def config_files(model: str, base: Path | None, presets: Path = PRESETS) -> tupl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train an SAE on a cached activation set.")
+    from settings.describe import describe, help_formatter
+
+    p = argparse.ArgumentParser(prog="python -m train", description="Train an SAE on a cached activation set.",
+                                epilog=describe(["model", "training", "wandb", "evaluate"]),
+                                formatter_class=help_formatter)
     p.add_argument("--model", required=True, help="preset in configs/sae/ or a registered SAE type (e.g. topk)")
     p.add_argument("--config", type=Path, default=None, help=f"base config (default {DEFAULT_CONFIG})")
     p.add_argument("--cache", default=None, help="cache folder (sets training.cache)")

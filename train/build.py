@@ -16,8 +16,6 @@ import sae as zoo
 from sae import BaseSAE, SAEConfig
 from settings import ModelConfig
 
-ROUTED_TYPES = frozenset({"RouteSAE", "RouteMatryoshkaSAE"})
-
 
 class BuildError(ValueError):
     """The config does not fit the cache; the message names the key and the fix."""
@@ -40,8 +38,7 @@ def is_routed(type_name: str) -> bool:
         cls = zoo.registry.get(type_name)
     except ValueError as e:
         raise BuildError(f"model.type: {e}") from e
-    flag = getattr(cls, "routed", None)
-    return bool(flag) if flag is not None else cls.type_name in ROUTED_TYPES
+    return cls.routed
 
 
 def resolve_layers(m: ModelConfig, cache_layers: list[int], cache_path: str = "the cache") -> LayerChoice:
@@ -85,21 +82,12 @@ def check_d_in(m: ModelConfig, d_model: int) -> int:
 
 
 def sae_config(m: ModelConfig, d_in: int, choice: LayerChoice) -> SAEConfig:
-    """The SAE's own config from the `model` section (SAEConfig validates it)."""
-    cfg = SAEConfig(
-        type=zoo.canonical(m.type), hidden_size=d_in, latent_size=m.latent_size, k=m.k, threshold=m.threshold,
-        bandwidth=m.bandwidth, group_sizes=m.group_sizes, routing=m.routing, decode_impl=m.decode_impl,
-        aggre=m.aggre, n_layers=len(choice.layers), aux_k=m.aux_k, aux_k_coef=m.aux_k_coef,
-        threshold_momentum=m.threshold_momentum, layers=list(choice.layers),
-    )
-    # Unset: the one the type implies (RouteMatryoshkaSAE shares a Matryoshka SAE).
-    implied = getattr(zoo.get(cfg.type), "base_sae_type", cfg.base_sae_type)
-    cfg.base_sae_type = m.base_sae_type if m.base_sae_type is not None else implied
+    """The SAE's config: the `model` section's SAE settings (validated when the config was loaded)
+    plus d_in and the layers read."""
     try:
-        cfg.validate()
-    except ValueError as e:
+        return SAEConfig.from_settings(m, hidden_size=d_in, layers=choice.layers)
+    except (TypeError, ValueError) as e:
         raise BuildError(f"model section: {e}") from e
-    return cfg
 
 
 def build_sae(m: ModelConfig, d_in: int, choice: LayerChoice, scales: list[float], seed: int) -> BaseSAE:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+import durable
+from train.layout import CHECKPOINT_DIR, CHECKPOINT_RE, checkpoint_name
+from train.layout import CHECKPOINT_STATE_FILE as STATE_FILE
+from train.layout import CHECKPOINT_TMP_PREFIX as TMP_PREFIX
+
 FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.json"
 GROUPS = ("model", "optimizer", "state")  # one safetensors file each
-TMP_PREFIX = ".tmp-"
 KEEP = 2
-_NAME_RE = re.compile(r"^step-(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
@@ -48,16 +48,12 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able scalars
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first (temporaries are never listed)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -135,25 +131,14 @@ def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
         _write_tensors(file, tensors)
         sizes[file.name] = file.stat().st_size
     meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "step": ckpt.step, "files": sizes}
-    _write_bytes(tmp / STATE_FILE, json.dumps(meta, indent=1).encode())
-    _fsync(tmp)
+    durable.write_synced(tmp / STATE_FILE, json.dumps(meta, indent=1).encode())
+    durable.fsync_dir(tmp)
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     """One safetensors file, fsynced. (Tests inject ENOSPC here.)"""
     save_file(tensors, str(path))
-    _fsync(path)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while len(view):
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_path(path)
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -164,7 +149,7 @@ def _publish(tmp: Path, final: Path) -> Path:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    durable.fsync_dir(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return final
 
@@ -174,12 +159,3 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stray in root.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stray, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file's bytes or a folder's entries."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -153,12 +153,14 @@ class _Source:
                 np.take(view, rows, axis=0, out=dest, mode="clip")  # rows are in range by construction
 
     def _shard_views(self, shard: int) -> list[np.ndarray]:
-        views = self._views.pop(shard, None)
+        cached = self._views
+        assert cached is not None  # only the safetensors path keeps views
+        views = cached.pop(shard, None)
         if views is None:
             views = [_as_numpy(self._cache.read(self._split, shard, layer)) for layer in self._layers]
-        self._views[shard] = views
-        if len(self._views) > self.KEEP_SHARDS:
-            self._views.popitem(last=False)
+        cached[shard] = views
+        if len(cached) > self.KEEP_SHARDS:
+            cached.popitem(last=False)
         return views
 
 
@@ -364,10 +366,10 @@ class _Worker:
             while hi > cur.row_end:  # the batch goes on in the next buffer (same epoch: hi <= N)
                 cur, nxt = self._advance(cur, nxt)
                 pieces.append(cur.take(0, min(hi, cur.row_end) - cur.row_start))
-            x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             index = pos // B
             nxt_pos = (epoch + 1, 0) if hi == N else (epoch, index + 1)
-            x = _to_torch(x, self._loader.cache.dtype, self._loader.dtype)
+            x = _to_torch(rows, self._loader.cache.dtype, self._loader.dtype)
             if not self._put(Batch(x, epoch, index, nxt_pos)):
                 return
             if hi == cur.row_end:  # drained (always so at the end of an epoch)

@@ -4,19 +4,15 @@ The rule: W ranks with a global batch of B tokens compute what one process compu
 the same rows, up to float rounding. How each piece keeps it:
 - Rows: every rank builds the same global batch plan (a pure function of seed, epoch and batch);
   rank r takes rows [r*n/W, (r+1)*n/W) of each global batch of n rows (`RankLoader`).
-- Losses: each term is a mean over tokens, so rank r's total is scaled by W*n_r/n; the gradient
-  all-reduce (SUM / W, one flat buffer) then gives the gradient of the global-batch mean. AuxK's
-  normaliser sum ||e - mean(e)||^2 is computed over the global batch (two small all-reduces) and the
-  local numerator is divided by it. The logged `fvu` uses the global batch mean.
+- Losses: the SAE's `global_losses` (sae/base.py) scales each per-token mean by W*n_r/n, so that the
+  gradient all-reduce here (SUM / W, one flat buffer) gives the gradient of the global-batch mean;
+  terms that are ratios over the batch (AuxK, whose normaliser is the global residual variance) are
+  the SAE's to correct. The logged `fvu` uses the global batch mean.
 - Initialisation: every rank initialises from the same global first batch, then rank 0's weights
   and buffers are broadcast, so the ranks start bitwise equal.
 - Dead-latent counters: the fired mask is OR-reduced (SUM of counts > 0) and counted in global tokens.
-- BatchTopK / Matryoshka selection is global: each rank proposes its own top k*B candidates (the
-  global top k*B can hold at most that many of its entries), the candidates' values are gathered, the
-  k*B-th largest is the cut-off, and each rank keeps its entries at or above it; that is the
-  1-process selection over the global batch (ties at the cut-off aside). The inference threshold's
-  update sees the minimum over ranks of the smallest positive kept value, so theta is the same
-  everywhere.
+- Whatever an architecture computes over the global batch (a batch-level selection, a threshold
+  estimate) it computes itself through the `Collective` this class implements (`sae.use_collective`).
 - Metrics are reduced (token-weighted means; `loss` is the global total) on every rank; only rank 0
   writes checkpoints, metrics.jsonl, wandb and the final SAE.
 """
@@ -33,10 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sae import BaseSAE
-from sae.batchtopk import BatchTopKSAE
-from sae.selection import batch_topk_flat, select_flat
-
 # A peer that dies makes gloo fail the survivors' next collective; this bounds a silent hang.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
@@ -51,7 +43,8 @@ def env_world_size() -> int:
 
 @dataclass
 class DataParallel:
-    """This process's place in a data-parallel run, and the reductions the training step needs."""
+    """This process's place in a data-parallel run, and the reductions the training step needs; an
+    SAE's `Collective` (sae/collective.py)."""
 
     rank: int
     world: int
@@ -97,6 +90,15 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_min(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        gathered = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(gathered, t)
+        return gathered
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every rank."""
         with torch.no_grad():
@@ -132,59 +134,20 @@ class DataParallel:
             p.grad = flat[offset:offset + n].view_as(g)
             offset += n
 
-    def global_losses(self, sae: BaseSAE, out: dict[str, Tensor],
-                      losses: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
-        """Rank-local loss terms -> (terms whose `total` back-propagates, after the gradient
-        all-reduce, to the global-batch gradient; global batch size). `fvu` becomes the global one;
-        `auxk` becomes this rank's share (their sum / W is the global AuxK)."""
-        target, recon = out["target"].detach(), out["sae_out"].detach()
-        flat_t = target.reshape(target.shape[0], -1).double()
-        e = flat_t - recon.reshape(recon.shape[0], -1).double()
-        n_local = target.shape[0]
-        first = self.all_sum(torch.cat([e.sum(0), flat_t.sum(0), e.new_tensor([n_local])]))
-        n = int(first[-1].item())
-        d = e.shape[1]
-        mean_e, mean_t = first[:d] / n, first[d:2 * d] / n
-        second = self.all_sum(torch.stack([(e - mean_e).pow(2).sum(), e.pow(2).sum(),
-                                           (flat_t - mean_t).pow(2).sum()]))
-        den_e, e2, t_var = second[0], second[1], second[2]
-        factor = self.world * n_local / n
-        new = dict(losses)
-        total = factor * losses["total"]
-        if "auxk" in losses:
-            aux_local = losses["auxk"]
-            # auxk = num / den_local: recover num, divide by the global normaliser instead.
-            den_local = (e - e.mean(0)).pow(2).sum().to(aux_local.dtype)
-            share = self.world * aux_local * den_local / den_e.to(aux_local.dtype).clamp_min(1e-300)
-            share = torch.where(den_e <= 1e-6 * e2, torch.zeros_like(share), share)
-            total = total + sae.cfg.aux_k_coef * (share - factor * aux_local)
-            new["auxk"] = share
-        new["total"] = total
-        new["fvu"] = (e2 / t_var.clamp_min(1e-12)).to(losses["total"].dtype)
-        return new, n
-
     def fired(self, fired: Tensor) -> Tensor:
         """[d_sae] bool: fired on any rank."""
         return self.all_sum(fired.to(torch.int32)) > 0
 
-    def threshold_out(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`out` for `update_after_step` with the global minimum positive kept value appended to
-        `sel_val`, so that the threshold estimate (a min over the batch) is the global one."""
-        vals = out["sel_val"].detach()
-        low = torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).min() if vals.numel() \
-            else vals.new_tensor(float("inf"))
-        low = low.reshape(1).clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        return {**out, "sel_val": torch.cat([vals.reshape(-1), low])}
-
-    def metrics(self, losses: dict[str, Tensor], l0_sum: float, n_local: int) -> dict[str, float]:
-        """Global metric values from the terms of `global_losses` (same keys on every rank): `loss`
-        the global total, `auxk` and `fvu` the global ones, other terms token-weighted means."""
+    def metrics(self, losses: dict[str, Tensor], l0_sum: float, n_local: int,
+                ratio_terms: tuple[str, ...] = ()) -> dict[str, float]:
+        """Global metric values from the terms of the SAE's `global_losses` (same keys on every rank):
+        `loss` the global total, `fvu` and the `ratio_terms` (shares) the global ones, other terms
+        token-weighted means."""
         keys = sorted(k for k in losses if k not in ("total", "fvu"))
         parts = [losses["total"].detach().double() / self.world]
         for k in keys:
             v = losses[k].detach().double()
-            parts.append(v / self.world if k == "auxk" else v * n_local)
+            parts.append(v / self.world if k in ratio_terms else v * n_local)
         device = parts[0].device
         parts += [torch.tensor(l0_sum, dtype=torch.float64, device=device),
                   torch.tensor(n_local, dtype=torch.float64, device=device)]
@@ -192,37 +155,8 @@ class DataParallel:
         n = reduced[-1]
         record = {"loss": reduced[0], "l0": reduced[-2] / n, "fvu": float(losses["fvu"])}
         for k, v in zip(keys, reduced[1:-2], strict=True):
-            record[k] = v if k == "auxk" else v / n
+            record[k] = v if k in ratio_terms else v / n
         return record
-
-    # ---- BatchTopK ---------------------------------------------------------------------------
-    def make_selection_global(self, sae: BaseSAE) -> None:
-        """Give a BatchTopK-family SAE (Matryoshka included) the global training selection."""
-        if not isinstance(sae, BatchTopKSAE):
-            return
-        local_select = sae.select
-
-        def select(z: Tensor):
-            if not sae.training:
-                return local_select(z)
-            return self.global_batch_topk(z, sae.cfg.k)
-
-        sae.select = select  # an instance attribute shadows the class method, for this SAE only
-
-    @torch.no_grad()
-    def global_batch_topk(self, z: Tensor, k: int):
-        """The entries of this rank's z [b, M] among the top k*B of the global batch."""
-        b, m = z.shape
-        n_global = k * int(self.all_sum(torch.tensor([b], device=z.device)).item())
-        n_cand = min(n_global, b * m)
-        flat = batch_topk_flat(z, n_cand, candidates_per_row=2 * k)
-        vals = z.reshape(-1)[flat]
-        padded = torch.full((n_global,), float("-inf"), dtype=z.dtype, device=z.device)
-        padded[:n_cand] = vals
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded)
-        cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
-        return select_flat(flat[vals >= cut], (b, m))
 
 
 class RankLoader:

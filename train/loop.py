@@ -1,10 +1,12 @@
 """The optimisation step and the loop around it.
 
 One step (`train_step`), in this order:
-  lr from the schedule -> forward (TopK family: no dense latents) -> loss(out, lambda * warm-up,
-  dead_mask) -> backward -> remove the decoder-parallel gradient -> clip -> Adam -> renormalise the
-  decoder -> `update_after_step` (BatchTopK's threshold only from `threshold_start_step`) -> dead
-  counters from `sae.fired(out)`, in tokens.
+  lr from the schedule -> forward (without dense latents where the SAE's `sparse_acts` allows) ->
+  loss(out, lambda * warm-up, dead_mask) (under torchrun: `sae.global_losses`) -> backward -> remove
+  the decoder-parallel gradient -> clip -> Adam -> renormalise the decoder -> `sae.update_after_step`,
+  and from `threshold_start_step` on `sae.estimate_threshold` -> dead counters from `sae.fired(out)`,
+  in tokens. Every architecture-specific choice is a hook of the SAE (sae/base.py); this module names
+  no architecture.
 
 The loop (`run_loop`) feeds batches from any loader with `batches(epoch, batch)` and
 `batches_per_epoch` (train/data.py's ActivationLoader, or train/tensor_loader.py's TensorLoader),
@@ -16,7 +18,6 @@ and checked at every log and checkpoint.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from sae import BaseSAE
 from settings import TrainingConfig
+from train.distributed import DataParallel
 from train.plan import RunPlan
 from train.schedule import sparsity_factor
 
@@ -85,15 +87,11 @@ class Stepper:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     forward: Callable[..., dict[str, Tensor]] | None = None  # e.g. torch.compile(sae); default the SAE
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
-    dp: Any = None  # train.distributed.DataParallel under torchrun, else None
-    threshold_hook: bool = field(init=False)  # does update_after_step wait for threshold_start_step?
-
-    def __post_init__(self) -> None:
-        self.threshold_hook = estimates_threshold(self.sae)
+    dp: DataParallel | None = None  # under torchrun, else None
 
     @classmethod
     def from_config(cls, sae: BaseSAE, optimizer: torch.optim.Optimizer, plan: RunPlan, t: TrainingConfig,
-                    device: torch.device, dp: Any = None) -> Stepper:
+                    device: torch.device, dp: DataParallel | None = None) -> Stepper:
         if t.dtype not in TRAINING_DTYPES:
             raise ValueError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
         bf16 = t.dtype == "bfloat16" and bf16_autocast_available(device)
@@ -126,23 +124,8 @@ def make_optimizer(sae: BaseSAE, t: TrainingConfig) -> torch.optim.Adam:
 
 
 def sparse_forward_kwargs(sae: BaseSAE) -> dict[str, Any]:
-    """`dense_acts=False` for SAEs whose forward can skip the dense [B, d_sae] latents."""
-    return {"dense_acts": False} if "dense_acts" in inspect.signature(sae.forward).parameters else {}
-
-
-# Used when a class does not say (an `estimates_threshold` class attribute) whether its hook estimates
-# a threshold: these classes and their subclasses do.
-THRESHOLD_ESTIMATORS = frozenset({"BatchTopKSAE", "MatryoshkaSAE", "RouteMatryoshkaSAE"})
-
-
-def estimates_threshold(sae: BaseSAE | type[BaseSAE]) -> bool:
-    """True for SAEs whose `update_after_step` estimates an inference threshold (BatchTopK family),
-    which must wait for `threshold_start_step`; other hooks (JumpReLU's theta >= 0) run every step."""
-    cls = sae if isinstance(sae, type) else type(sae)
-    flag = cls.__dict__.get("estimates_threshold", getattr(cls, "estimates_threshold", None))
-    if flag is not None:
-        return bool(flag)
-    return any(c.__name__ in THRESHOLD_ESTIMATORS for c in cls.__mro__)
+    """`dense_acts=False` for SAEs whose forward can skip the dense [B, d_sae] latents (`sparse_acts`)."""
+    return {"dense_acts": False} if sae.sparse_acts else {}
 
 
 def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -156,8 +139,8 @@ def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tens
         out = (sae if s.forward is None else s.forward)(x, **s.forward_kwargs)
         losses = sae.loss(out, l1_coefficient=l1, dead_mask=dead_mask)
     n_tokens = x.shape[0]
-    if s.dp is not None:  # the global batch's loss (train/distributed.py)
-        losses, n_tokens = s.dp.global_losses(sae, out, losses)
+    if s.dp is not None:  # the global batch's loss (the SAE computes it through its collective)
+        losses, n_tokens = sae.global_losses(out, losses)
     opt.zero_grad(set_to_none=True)
     losses["total"].backward()
     if s.dp is not None:
@@ -169,8 +152,9 @@ def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tens
     opt.step()
     if s.normalize_decoder:
         sae.normalize_decoder()
-    if step >= s.plan.threshold_start_step or not s.threshold_hook:
-        sae.update_after_step(out if s.dp is None or not s.threshold_hook else s.dp.threshold_out(out))
+    sae.update_after_step(out)
+    if step >= s.plan.threshold_start_step:
+        sae.estimate_threshold(out)
     _count_tokens(sae, out, state, n_tokens, s.dp)
     bad = ~torch.isfinite(losses["total"].detach())
     state.nonfinite_step = torch.where(bad & (state.nonfinite_step < 0), step, state.nonfinite_step)
@@ -180,21 +164,22 @@ def train_step(s: Stepper, x: Tensor, state: TrainState) -> tuple[dict[str, Tens
 
 
 @torch.no_grad()
-def _count_tokens(sae: BaseSAE, out: dict[str, Tensor], state: TrainState, n_tokens: int, dp: Any = None) -> None:
+def _count_tokens(sae: BaseSAE, out: dict[str, Tensor], state: TrainState, n_tokens: int,
+                  dp: DataParallel | None = None) -> None:
     fired = sae.fired(out) if dp is None else dp.fired(sae.fired(out))
     state.tokens_since_fired = torch.where(fired, 0, state.tokens_since_fired + n_tokens)
 
 
 @torch.no_grad()
 def batch_metrics(sae: BaseSAE, out: dict[str, Tensor], losses: dict[str, Tensor], state: TrainState,
-                  plan: RunPlan, dp: Any = None) -> dict[str, float]:
+                  plan: RunPlan, dp: DataParallel | None = None) -> dict[str, float]:
     """Loss terms, L0 (mean non-zero latents per token), batch-form FVU
     (sum ||x - xhat||^2 / sum ||x - mean_batch(x)||^2) and the dead fraction (under torchrun: of
     the global batch, from every rank; a collective)."""
     dead = (state.tokens_since_fired >= plan.dead_threshold_tokens).float().mean().item()
     if dp is not None:
         n_local = out["target"].shape[0]
-        return {**dp.metrics(losses, latent_l0(out) * n_local, n_local), "dead_fraction": dead}
+        return {**dp.metrics(losses, latent_l0(out) * n_local, n_local, sae.ratio_terms), "dead_fraction": dead}
     target, recon = out["target"].float(), out["sae_out"].float()
     fvu = (target - recon).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     record = {"loss": losses["total"].item(), **{k: v.item() for k, v in losses.items() if k != "total"}}

@@ -16,7 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+import durable
+from train.layout import METRICS_FILE
 
 
 class MetricsLog:
@@ -89,9 +90,7 @@ def _truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a kill mid-write
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    durable.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _start_wandb(wandb_cfg: Any, run_name: str, run_dir: Path, config: dict[str, Any] | None) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sae import BaseSAE
 from settings import Config, to_dict
 from train.build import LayerChoice
 from train.checkpoint import Checkpoint
@@ -76,7 +77,7 @@ def checkpoint_of(model: nn.Module, optimizer: torch.optim.Optimizer, state: Tra
     )
 
 
-def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, resolved: Config, cache: Any,
+def restore(ckpt: Checkpoint, model: BaseSAE, optimizer: torch.optim.Optimizer, resolved: Config, cache: Any,
             plan: RunPlan, device: torch.device) -> TrainState:
     """Check that `ckpt` belongs to this run, load it into model and optimizer, return the state.
     Raises ValueError naming what differs."""

@@ -6,8 +6,6 @@ Outputs in `<output_dir>/<run_name>/`: `config.yaml` (resolved), `metrics.jsonl`
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,7 +15,13 @@ from typing import Any
 import torch
 
 import cache as cache_mod
+import durable
+from cache import Cache
+from cache.names import HELDOUT
+from sae import BaseSAE
+from sae.measure import measure
 from settings import Config, ConfigError, save_config, to_dict
+from settings.device import resolve_device
 from train.build import (
     BuildError,
     LayerChoice,
@@ -29,11 +33,11 @@ from train.build import (
     resolve_layers,
     sae_config,
 )
-from train.calibrate import calibrate_threshold
+from train.calibrate import calibration_batches
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
-from train.heldout import heldout_summary
+from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from train.loop import (
     TRAINING_DTYPES,
     LoopHooks,
@@ -48,10 +52,6 @@ from train.metrics import MetricsLog
 from train.plan import PlanError, RunPlan, describe, plan_run
 from train.resume import checkpoint_of, resolved_config, restore
 from train.rundir import RunDirError, prepare_run_dir
-
-SAE_DIR = "sae"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "train_summary.json"
 
 
 class TrainError(RuntimeError):
@@ -130,7 +130,7 @@ def _setup(cfg: Config) -> _Run:
         sae_config(cfg.model, d_in, choice)  # refuse a bad model section before touching any folder
     except BuildError as e:
         raise TrainError(str(e)) from e
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, key="training.device")
     notes = dtype_notes(t.dtype, device)
     dp = DataParallel.start(device)
     if dp is not None:
@@ -176,15 +176,6 @@ def open_training_cache(path: str) -> Any:
         raise TrainError(f"cannot train on training.cache={path}: {e}") from e
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"training.device={name} but CUDA is not available; use training.device=cpu or auto")
-    return device
-
-
 def dtype_notes(dtype: str, device: torch.device) -> list[str]:
     if dtype not in TRAINING_DTYPES:
         raise TrainError(f"training.dtype={dtype!r} is not one of {TRAINING_DTYPES}")
@@ -201,7 +192,7 @@ def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.
     if t.dtype == "float64":
         model = model.to(torch.float64)
     if run.dp is not None:
-        run.dp.make_selection_global(model)
+        model.use_collective(run.dp)
     optimizer = make_optimizer(model, t)
     state = TrainState.fresh(model.d_sae, run.device)
     ckpt = latest_checkpoint(run.run_dir) if run.resume else None
@@ -259,12 +250,23 @@ def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainS
             log.close()
 
 
+def heldout_summary(model: BaseSAE, cache: Cache, layers: int | list[int], *, batch_size: int,
+                    device: torch.device | str = "cpu", max_rows: int | None = None) -> dict[str, Any]:
+    """{rows, fvu, l0, dead_fraction} on the held-out split in the SAE's inference mode: the figures
+    of stage 3's eval.json (sae.measure), from the same implementation."""
+    rows = cache.num_rows(HELDOUT) if max_rows is None else min(max_rows, cache.num_rows(HELDOUT))
+    if rows <= 0:
+        return {"rows": 0, "fvu": None, "l0": None, "dead_fraction": None}
+    m = measure(model, cache.iter_rows(HELDOUT, layers, batch_size, max_rows), device=device)["metrics"]
+    return {"rows": m["tokens"], "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"]}
+
+
 def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
     t = run.cfg.training
     meta = provenance(run.cache, run.choice, [float(s) for s in model.input_scale.tolist()], run.run_dir.name)
     meta["training"] = {"steps": state.step, "tokens": state.tokens, "seed": t.seed}
-    calibration = calibrate_threshold(model, run.cache, run.choice.loader_layers, batch_size=t.batch_size,
-                                      device=run.device)
+    calibration = model.calibrate(calibration_batches(run.cache, run.choice.loader_layers,
+                                                      batch_size=t.batch_size, device=run.device))
     if calibration is not None:
         meta["threshold_calibration"] = calibration
     model.save(run.run_dir / SAE_DIR, meta=meta)
@@ -278,14 +280,5 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "heldout": heldout,
         "threshold_calibration": calibration,
     }
-    _write_json(run.run_dir / SUMMARY_FILE, summary)
+    durable.atomic_write_json(run.run_dir / SUMMARY_FILE, summary)
     return summary
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 from settings import TrainingConfig
-from train.checkpoint import CHECKPOINT_DIR, list_checkpoints
-
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "sae", "train_summary.json")
+from train.checkpoint import list_checkpoints
+from train.layout import RUN_MARKERS
 
 
 class RunDirError(ValueError):

@@ -48,7 +48,7 @@ def make_stepper(arch: str, meta, work: Path):
 
 def phase_step(s, x: torch.Tensor, state, clock: dict[str, list[float]]) -> None:
     """One step of train/loop.py's `train_step`, phase by phase, adding each phase's seconds to `clock`."""
-    from train.loop import _count_tokens, estimates_threshold
+    from train.loop import _count_tokens
 
     sae, opt = s.sae, s.optimizer
     marks = [("start", time.perf_counter())]
@@ -72,8 +72,9 @@ def phase_step(s, x: torch.Tensor, state, clock: dict[str, list[float]]) -> None
     mark("Adam step")
     sae.normalize_decoder()
     mark("normalize_decoder")
-    if state.step >= s.plan.threshold_start_step or not estimates_threshold(sae):
-        sae.update_after_step(out)
+    sae.update_after_step(out)
+    if state.step >= s.plan.threshold_start_step:
+        sae.estimate_threshold(out)
     _count_tokens(sae, out, state, x.shape[0])
     state.step += 1
     state.tokens += x.shape[0]

@@ -147,9 +147,18 @@ def test_safetensors_shard_follows_the_published_layout(tmp_path):
         assert f.get_tensor("stats.2.sumsq").shape == ()
 
 
-def test_public_api_names():
-    assert cache.open is cache.open_cache
-    assert cache.FORMAT_VERSION == 1
+def test_the_manifest_carries_the_format_version_and_another_is_refused(tmp_path, backend):
+    import json
+
+    write_cache(tmp_path / "c", backend, n_train=2)
+    path = tmp_path / "c" / "manifest.json"
+    doc = json.loads(path.read_text())
+    assert doc["format_version"] == cache.FORMAT_VERSION
+    cache.open(tmp_path / "c").close()  # `cache.open` is the documented entry point
+    doc["format_version"] = cache.FORMAT_VERSION + 1
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"format_version {cache.FORMAT_VERSION + 1} is newer"):
+        cache.open(tmp_path / "c")
 
 
 def test_numpy_integers_are_accepted_as_indices(tmp_path, backend):

@@ -24,9 +24,11 @@ import transformers
 
 import cache
 import cache.merge as merge_mod
+from cache import folder
+from cache.folder import FolderRefused
 from cache.merge import MergeError, finish_merge, merge_pending, merge_ranks, rank_folders
 from harvest.__main__ import main as harvest_main
-from harvest.distributed import _check_rank_folders, _merged_metadata, window_owner
+from harvest.distributed import _merged_metadata, window_owner
 from harvest.model import HarvestError, load_model
 from harvest.run import harvest
 from settings import load_config
@@ -261,11 +263,16 @@ def test_merge_interrupted_anywhere_is_completed_by_a_rerun(setup, ranks, tmp_pa
 def test_unfinished_harvest_by_another_world_size_is_refused(setup, ranks, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(ranks.pristine, out)
+    requested = cache.manifest.load(out / "rank-0")  # what the rerun would write
+
+    def prepare(world, overwrite):  # the cache package's decision, as harvest.distributed asks it
+        return folder.prepare_rank_write(folder.survey(out, requested), overwrite=overwrite, world=world)
+
     for world in (1, 3):
-        with pytest.raises(HarvestError, match="different number of processes.*same --nproc-per-node"):
-            _check_rank_folders(out, world, overwrite=False)
-    _check_rank_folders(out, 2, overwrite=False)  # the same world size resumes
-    _check_rank_folders(out, 3, overwrite=True)  # --overwrite clears the stale rank caches
+        with pytest.raises(FolderRefused, match="different number of processes.*same --nproc-per-node"):
+            prepare(world, overwrite=False)
+    assert prepare(2, overwrite=False) == "ranks" and len(rank_folders(out)) == 2  # the same world size resumes
+    assert prepare(3, overwrite=True) == "ranks"  # --overwrite clears the stale rank caches
     assert not rank_folders(out)
 
 

@@ -17,6 +17,7 @@ import torch
 from tiny_models import SENTENCES, save_tiny, tiny_tokenizer, tokenizer_kind_for
 
 import cache
+import durable
 from harvest import text
 from harvest.__main__ import main
 from harvest.capture import WindowSink
@@ -319,9 +320,12 @@ def test_different_identity_refused_unless_overwrite(models, corpus, tmp_path, c
     out = tmp_path / "c"
     harvest(_cfg(models("gpt2"), corpus, out), progress=False)
     manifest_before = (out / "manifest.json").read_bytes()
-    with pytest.raises(HarvestError, match=r"different settings \(layers differ\).*--overwrite"):
+    with pytest.raises(HarvestError,
+                       match=r"different settings: .*layers \(\[0, 1, 2\] in the cache, \[0, 1\] requested\)"
+                             r".*--overwrite"):
         harvest(_cfg(models("gpt2"), corpus, out, "harvest.layers=0:2"), progress=False)
-    with pytest.raises(HarvestError, match=r"\(harvest.backend, harvest.shard_rows differ\)"):  # layout, not identity
+    with pytest.raises(HarvestError, match=r"different settings: backend \('safetensors' in the cache, 'zarr' "
+                                           r"requested\); shard_rows"):  # layout, not identity
         harvest(_cfg(models("gpt2"), corpus, out, "harvest.backend=zarr", "harvest.shard_rows=64"), progress=False)
     assert main(["--quiet", *_args(models("gpt2"), corpus, out), "harvest.layers=0:2"]) == 2
     assert "use --overwrite" in capsys.readouterr().err
@@ -344,7 +348,7 @@ def test_foreign_folder_is_never_touched(models, corpus, tmp_path):
 
 def test_disk_full_exits_nonzero_and_keeps_the_cache(models, corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "c"
-    real = cache.durable.write_all
+    real = durable.write_all
     calls = [0]
 
     def write_all(fd, data):
@@ -353,7 +357,7 @@ def test_disk_full_exits_nonzero_and_keeps_the_cache(models, corpus, tmp_path, c
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
-    monkeypatch.setattr(cache.durable, "write_all", write_all)
+    monkeypatch.setattr(durable, "write_all", write_all)
     code = main(["--quiet", *_args(models("gpt2"), corpus, out), "harvest.shard_rows=20"])
     (err,) = _error_lines(capsys.readouterr().err)
     assert code == 1 and "disk full" in err and "rerun to resume" in err

@@ -7,7 +7,7 @@ Shared by every test in tests/sae, the TopK family and Vanilla/Gated/JumpReLU al
   shared dictionary, each layer with its own scale (so input_scale and routing have work to do).
 - `feature_recovery`: share of true features whose best decoder row has cosine > threshold.
 - `fit`: a small training loop (Adam, unit-norm decoder with parallel-gradient removal, dead-latent
-  window for AuxK, the model's `update_after_step` hook), and `heldout_fvu`; `single_thread()`
+  window for AuxK, the model's `update_after_step` and `estimate_threshold` hooks), and `heldout_fvu`; `single_thread()`
   around them keeps learning tests fast on a busy machine and deterministic across machines.
 """
 
@@ -135,6 +135,7 @@ def fit(
         sched.step()
         model.normalize_decoder()
         model.update_after_step(out)
+        model.estimate_threshold(out)
         fired = model.fired(out)
         since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + 1)
     model.eval()

@@ -75,14 +75,14 @@ def test_inference_is_independent_of_the_batch():
 def test_threshold_is_an_ema_of_the_smallest_positive_kept_value():
     model = BatchTopKSAE(SAEConfig(type="batchtopk", hidden_size=4, latent_size=8, k=2, threshold_momentum=0.9))
     assert model.threshold.item() == 0.0 and model.threshold.dtype == torch.float32
-    model.update_after_step({"sel_val": torch.tensor([0.0, 0.8, 2.0, 0.5])})
+    model.estimate_threshold({"sel_val": torch.tensor([0.0, 0.8, 2.0, 0.5])})
     assert model.threshold.item() == pytest.approx(0.5)  # first estimate: the minimum itself
-    model.update_after_step({"sel_val": torch.tensor([1.5, 3.0])})
+    model.estimate_threshold({"sel_val": torch.tensor([1.5, 3.0])})
     assert model.threshold.item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.5)
-    model.update_after_step({"sel_val": torch.tensor([0.0, 0.0])})  # nothing positive: unchanged
+    model.estimate_threshold({"sel_val": torch.tensor([0.0, 0.0])})  # nothing positive: unchanged
     assert model.threshold.item() == pytest.approx(0.6)
     model.eval()
-    model.update_after_step({"sel_val": torch.tensor([9.0])})  # never from inference batches
+    model.estimate_threshold({"sel_val": torch.tensor([9.0])})  # never from inference batches
     assert model.threshold.item() == pytest.approx(0.6)
     model.to(torch.bfloat16)
     assert model.threshold.dtype == torch.float32

@@ -63,7 +63,10 @@ def test_router_size_is_the_layer_count_and_a_mismatch_raises():
         RouteSAE(SAEConfig(type="route", hidden_size=8, latent_size=32, n_layers=3, base_sae_type="matryoshka"))
     with pytest.raises(ValueError, match="base_sae_type"):
         RouteMatryoshkaSAE(SAEConfig(type="route_matryoshka", hidden_size=8, latent_size=32, n_layers=3,
-                                     group_sizes=[8, 24]))
+                                     group_sizes=[8, 24], base_sae_type="topk"))
+    implied = RouteMatryoshkaSAE(SAEConfig(type="route_matryoshka", hidden_size=8, latent_size=32, n_layers=3,
+                                           group_sizes=[8, 24]))
+    assert implied.cfg.base_sae_type == "matryoshka"  # unset: the type's own, recorded in sae.json
 
 
 def test_router_learns_through_p_under_hard_routing():

@@ -58,7 +58,8 @@ def test_override_needs_section_and_equals():
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    cfg = load_config(None, ["training.lr=3e-4", "model.group_sizes=[64, 192]", "harvest.layers=1:3"])
+    cfg = load_config(None, ["training.lr=3e-4", "model.latent_size=256", "model.group_sizes=[64, 192]",
+                             "harvest.layers=1:3"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
@@ -71,3 +72,59 @@ def test_shipped_configs_are_valid():
     assert files, "configs/*.yaml missing"
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.routing=sof", r"model\.routing must be one of hard, soft, got 'sof'; did you mean soft\?"),
+    ("model.type=topkk", r"unknown SAE type 'topkk'; valid: .*batchtopk"),
+    ("model.group_sizes=[8,8]", r"group_sizes \[8, 8\] sum to 16, but latent_size is 3072"),
+    ("harvest.backend=parquet", r"harvest\.backend must be one of safetensors, zarr"),
+    ("training.dtype=fp16", r"training\.dtype must be one of float32, bfloat16, float64"),
+])
+def test_allowed_values_are_checked_when_the_config_is_loaded(override, message):
+    # Before any stage runs: `make harvest model.routing=sof` used to pass.
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_an_architectures_own_rules_are_checked_at_load():
+    with pytest.raises(ConfigError, match="needs model.group_sizes"):
+        load_config(None, ["model.type=matryoshka"])
+    with pytest.raises(ConfigError, match="JumpReLU needs threshold >= 0"):
+        load_config(None, ["model.type=jumprelu", "model.threshold=-1"])
+
+
+def test_literal_choices_agree_with_their_owners():
+    import typing
+
+    from cache.names import BACKENDS, STORED_DTYPES, ZARR_COMPRESSIONS
+    from settings import HarvestConfig, TrainingConfig
+    from train.loop import TRAINING_DTYPES
+    from train.schedule import LR_SCHEDULES
+
+    hints, thints = typing.get_type_hints(HarvestConfig), typing.get_type_hints(TrainingConfig)
+    assert typing.get_args(hints["backend"]) == BACKENDS
+    assert typing.get_args(typing.get_args(hints["zarr_compression"])[0]) == ZARR_COMPRESSIONS
+    assert set(typing.get_args(hints["store_dtype"])) == {"auto", *STORED_DTYPES}
+    assert typing.get_args(thints["lr_schedule"]) == LR_SCHEDULES
+    assert typing.get_args(thints["dtype"]) == TRAINING_DTYPES
+
+
+@pytest.mark.parametrize("module,keys", [
+    ("train", ["model.routing", "training.lr_schedule", "wandb.use_wandb"]),
+    ("harvest", ["model.language_model_path", "data.train_path", "harvest.shard_rows"]),
+    ("evaluate", ["evaluate.max_tokens"]),
+    ("settings", ["model.k", "harvest.backend", "evaluate.dense_threshold"]),
+])
+def test_each_cli_help_lists_the_keys_with_their_comments(module, keys, capsys):
+    import importlib
+
+    main = importlib.import_module(f"{module}.__main__").main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for key in keys:
+        assert f"  {key}: " in out, key
+    # the comment written beside the field in its one description
+    if module in ("train", "settings"):
+        assert "model.routing: one of hard, soft = hard  # Route*: one layer per token (argmax) or a softmax mix" in out

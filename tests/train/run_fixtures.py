@@ -64,6 +64,21 @@ def overrides_for(canonical: str, latent: int = 64) -> dict[str, object]:
     return over
 
 
+def tiny_sae(canonical: str, d_in: int = 8, latent: int = 32, n_layers: int = 3) -> zoo.BaseSAE:
+    """A small SAE of any registered type (routed ones read `n_layers` layers)."""
+    over = {k.removeprefix("model."): v for k, v in overrides_for(canonical, latent).items()}
+    over.pop("latent_size")
+    cls = zoo.get(canonical)
+    cfg = SAEConfig(type=canonical, hidden_size=d_in, latent_size=latent, n_layers=n_layers if cls.routed else 1,
+                    **over)
+    return cls(cfg)
+
+
+def tiny_input_shape(model: zoo.BaseSAE) -> tuple[int, ...]:
+    """The trailing shape of one token's input: (d_in,), routed (n_layers, d_in)."""
+    return (model.cfg.n_layers, model.d_in) if model.routed else (model.d_in,)
+
+
 class ProbeSAE(VanillaSAE):
     """VanillaSAE (f = ReLU(W_enc (x - b_dec) + b_enc), loss = mse + lambda * l1) that records
     (l1_coefficient, dead_mask) of every loss call in `calls`."""
@@ -73,5 +88,6 @@ class ProbeSAE(VanillaSAE):
         self.calls: list[tuple[float, Tensor]] = []
 
     def loss(self, out, *, l1_coefficient=0.0, dead_mask=None):
-        self.calls.append((l1_coefficient, dead_mask.clone()))
+        if dead_mask is not None:  # training calls; held-out metrics pass none
+            self.calls.append((l1_coefficient, dead_mask.clone()))
         return super().loss(out, l1_coefficient=l1_coefficient, dead_mask=dead_mask)

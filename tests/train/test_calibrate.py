@@ -6,7 +6,7 @@ import torch
 import cache
 from sae import SAEConfig, get
 from tests.train.cache_fixtures import write_cache
-from train.calibrate import calibrate_threshold
+from train.calibrate import calibration_batches
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def test_calibrated_threshold_gives_k_per_token_on_training_rows(tmp_path, kind)
     extra = {"group_sizes": [16, 48]} if kind == "matryoshka" else {}
     model = get(kind)(SAEConfig(type=kind, hidden_size=16, latent_size=64, k=k, **extra))
     model.threshold.fill_(5.0)  # a stale estimate far above the cut-off
-    report = calibrate_threshold(model, c, 0, batch_size=batch)
+    report = model.calibrate(calibration_batches(c, 0, batch_size=batch))
     assert report is not None and report["before"] == 5.0 and report["batches"] == 8
     theta = float(model.threshold)
     # Independent check: on every training batch the calibrated theta keeps about k per token,
@@ -47,5 +47,5 @@ def test_sae_without_batch_threshold_is_left_alone(tmp_path):
     c = cache.open(tmp_path / "c")
     model = get("jumprelu")(SAEConfig(type="jumprelu", hidden_size=16, latent_size=32, k=1))
     before = model.threshold.detach().clone()
-    assert calibrate_threshold(model, c, 0, batch_size=128) is None
+    assert model.calibrate(calibration_batches(c, 0, batch_size=128)) is None
     assert torch.equal(model.threshold.detach(), before)

@@ -109,8 +109,6 @@ def test_a_layer_the_cache_does_not_hold(sparse_cache, base, capsys):
 
 
 def test_a_routed_range_outside_the_cache(sparse_cache, base, capsys):
-    if "RouteSAE" not in canonical_types():
-        pytest.skip("sae/route.py not registered yet")
     code, err = _run(capsys, _args(base, sparse_cache, "route", "model.start_layer=1", "model.end_layer=5"))
     assert code == 1 and "[3, 4]" in err and "1:5" in err
 

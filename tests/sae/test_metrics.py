@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from evaluate.metrics import ReconAccumulator, density_histogram, explained_variance, fvu
+from sae.metrics import ReconAccumulator, density_histogram, explained_variance, fvu
 
 
 def _data(n=300, d=6, m=10):
