@@ -194,31 +194,42 @@ def test_async_writer_matches_sync_writer(tmp_path, backend):
     assert a["shards"] == b["shards"] and a["stats"] == b["stats"]
 
 
-def test_async_writer_writes_in_a_background_thread_with_bounded_queue(tmp_path, monkeypatch):
+def test_async_writer_prepares_on_worker_threads_with_a_bounded_number_in_flight(tmp_path, monkeypatch):
     from cache import shardio
 
     gate = threading.Event()
     threads = []
-    real = shardio.write_shard
+    real = shardio.write_tmp
 
     def slow(*a, **kw):
         threads.append(threading.current_thread().name)
         gate.wait(10)
         return real(*a, **kw)
 
-    monkeypatch.setattr(shardio, "write_shard", slow)
-    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True)
-    w.append("train", chunk=0, offset=0, **_args(12))  # 3 shards: 1 writing + 2 queued, no wait yet
+    monkeypatch.setattr(shardio, "write_tmp", slow)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2, max_inflight=3)
+    w.append("train", chunk=0, offset=0, **_args(12))  # 3 shards: 2 being written, 1 queued; no wait yet
     assert w.rows_written("train") == 0
     blocked = threading.Thread(target=lambda: w.append("train", chunk=1, offset=0, **_args(4)))
     blocked.start()
     blocked.join(0.3)
-    assert blocked.is_alive(), "the queue should be bounded (depth 2): the 4th shard must wait"
+    assert blocked.is_alive(), "at most max_inflight=3 shards may be pending: the 4th must wait"
     gate.set()
     blocked.join(10)
+    assert not blocked.is_alive()
     w.finish()
-    assert set(threads) == {"cache-writer"}
+    assert set(threads) == {"cache-writer-0", "cache-writer-1"}
     assert cache.open(tmp_path / "c").num_rows("train") == 16
+
+
+def test_async_writer_keeps_a_bounded_number_of_shard_buffers(tmp_path):
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=8, async_write=True, workers=2, max_inflight=2)
+    produce(w, "train", 12)  # ~35 shards of 8 rows
+    produce(w, "heldout", 4)
+    w.finish()
+    made = w._buffers.acts(torch.device("cpu"))._made
+    assert 1 <= made <= 2 + 2, made  # in flight, plus one filling per split
+    assert cache.open(tmp_path / "c").num_rows("train") == all_rows("train", 12)[0][0].shape[0]
 
 
 def test_async_writer_error_surfaces_on_next_call_and_stops_later_shards(tmp_path, backend):

@@ -1,0 +1,189 @@
+"""Several shards in flight, committed in order.
+
+Worker threads take emitted shards one each and *prepare* them (statistics, checksum, the write under
+a temporary name, fsync): their work overlaps that of the other workers and the producer's. A
+committer thread *commits* (renames, one fsync of the folder, one manifest rewrite) the longest run of
+prepared shards that follow the last committed shard of their split, all together: shards that finish
+together share one manifest rewrite, and the manifest never lists a shard before its predecessors.
+
+At most `max_inflight` shards are between emission and commit; `submit` waits for a slot, which bounds
+memory and what a crash can lose. After a failure (shard k), shards emitted before k are still
+committed as they finish; k and everything emitted after it is dropped (temporaries removed), and the
+error is raised by the producer's next call, exactly as if the shards had been written one by one.
+With workers=0 everything runs in the caller's thread, one shard at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Job:
+    seq: int  # emission order over both splits
+    split: str
+    index: int
+    name: str
+    rows: int
+    end: tuple[int, int]
+    payload: object  # what `prepare` needs (the writer's)
+    release: Callable[[], None]  # gives the shard's buffers back; called once, after prepare or instead of it
+    result: object = None  # what `prepare` found, for `commit`
+    failed: bool = field(default=False)
+
+
+class Pipeline:
+    def __init__(self, *, prepare: Callable[[Job], None], commit: Callable[[list[Job]], None],
+                 discard: Callable[[Job], None], next_index: dict[str, int], workers: int,
+                 max_inflight: int) -> None:
+        self._prepare, self._commit, self._discard = prepare, commit, discard
+        self._max = max_inflight
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._ready: dict[str, dict[int, Job]] = {s: {} for s in next_index}
+        self._next = dict(next_index)
+        self._unfinished = 0
+        self._error: BaseException | None = None
+        self._error_seq = math.inf
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        if workers:
+            self._start(workers)
+
+    def _start(self, workers: int) -> None:
+        # Workers compute CPU statistics with torch: one intra-op thread each, so that they do not
+        # fight the producer's threads. torch keeps the count per OS thread but also remembers the last
+        # value set as the default for new threads, so the caller's count is set again afterwards.
+        saved = torch.get_num_threads()
+        started = threading.Barrier(workers + 1)
+
+        def work() -> None:
+            torch.set_num_threads(1)
+            started.wait()
+            self._work()
+
+        for i in range(workers):
+            self._threads.append(threading.Thread(target=work, name=f"cache-writer-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._commit_loop, name="cache-commit", daemon=True))
+        for t in self._threads:
+            t.start()
+        started.wait()
+        torch.set_num_threads(saved)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def _fail(self, seq: int, exc: BaseException) -> None:
+        with self._cond:
+            if seq < self._error_seq:
+                self._error, self._error_seq = exc, seq
+            self._cond.notify_all()
+
+    # ---- producer side ------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue `job`, waiting while max_inflight shards are unfinished. Raises the first error."""
+        if not self._threads:
+            self._run_inline(job)
+            return
+        with self._cond:
+            while self._unfinished >= self._max and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                job.release()
+                raise self._error
+            self._unfinished += 1
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def _run_inline(self, job: Job) -> None:
+        if self._error is not None:
+            job.release()
+            raise self._error
+        try:
+            try:
+                self._prepare(job)
+            finally:
+                job.release()
+            self._commit([job])
+        except BaseException as exc:
+            self._error, self._error_seq = exc, job.seq
+            raise
+
+    def drain(self) -> None:
+        """Wait until every submitted shard is committed or dropped; raise the first error."""
+        with self._cond:
+            while self._unfinished:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Let queued shards finish (committed, or dropped after an error), then stop the threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    # ---- threads ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                skip = job.seq > self._error_seq
+            try:
+                if skip:
+                    job.failed = True
+                else:
+                    self._prepare(job)
+            except BaseException as exc:  # surfaced to the producer on its next call
+                job.failed = True
+                self._fail(job.seq, exc)
+            finally:
+                job.release()
+            with self._cond:
+                self._ready[job.split][job.index] = job
+                self._cond.notify_all()
+
+    def _collect(self) -> tuple[list[Job], list[Job]]:
+        """(prepared shards that can be committed now, shards to drop); caller holds the lock."""
+        group, dropped = [], []
+        for split, ready in self._ready.items():
+            for index in [i for i, job in ready.items() if job.failed or job.seq > self._error_seq]:
+                dropped.append(ready.pop(index))
+            while self._next[split] in ready:
+                group.append(ready.pop(self._next[split]))
+                self._next[split] += 1
+        return group, dropped
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._cond:
+                group, dropped = self._collect()
+                while not group and not dropped:
+                    if self._stopping and not self._unfinished:
+                        return
+                    self._cond.wait()
+                    group, dropped = self._collect()
+            for job in dropped:
+                self._discard(job)
+            if group:
+                try:
+                    self._commit(group)
+                except BaseException as exc:
+                    self._fail(min(job.seq for job in group), exc)
+            with self._cond:
+                self._unfinished -= len(group) + len(dropped)
+                self._cond.notify_all()
