@@ -130,7 +130,7 @@ class NullWriter:
     def __init__(self) -> None:
         self.rows = 0
 
-    def append(self, split, *, chunk, offset, acts, token_ids, sequence, position, document) -> None:
+    def append(self, split, *, chunk, offset, acts, token_ids, sequence, position, document, copy=True) -> None:
         self.rows += token_ids.shape[0]
 
     def finish(self) -> None:

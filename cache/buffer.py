@@ -1,9 +1,11 @@
-"""Shard assembly for one split: appended rows are copied once, straight into a preallocated shard.
+"""Shard assembly for one split: each appended row is copied at most once on its way to the shard.
 
-A shard's activations are one [layers, shard_rows, d_model] block in the stored dtype, allocated on
-the device the producer's rows come from (so that a GPU harvest assembles, and computes statistics,
-on the GPU); its token fields are host tensors. `copy_` casts and moves between devices in the same
-pass, so every row is copied exactly once between the producer's tensors and the shard buffer.
+Rows that arrive on a GPU are copied into one [layers, shard_rows, d_model] block on that GPU (so that
+the shard's statistics are computed there and it crosses to the host in one copy). Rows that arrive
+on the host are kept as *pieces*: the producer's own tensors when it hands them over (`copy=False`,
+already in the stored dtype), else copies into a reused host block at the same rows. Token fields are
+always copied into reused host buffers (they are small). `copy_` casts and moves between devices in the
+same pass.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -92,33 +95,65 @@ class Buffers:
             return self._acts[device]
 
 
+@dataclass
+class Pending:
+    """A full (or flushed) shard handed over by `ShardAssembler.pop`: its first `rows` rows.
+
+    device: the GPU block [layers, shard_rows, d] (rows on a GPU), or None; host: the pieces of each
+    layer (rows on the host); block: the host block some pieces are views of, or None; tokens: the
+    whole token buffers. The receiver gives `block` and `tokens` back to the Buffers pools."""
+
+    rows: int
+    end: tuple[int, int]
+    device: torch.Tensor | None
+    host: list[list[torch.Tensor]]
+    block: torch.Tensor | None
+    tokens: dict[str, torch.Tensor]
+
+
 class ShardAssembler:
-    """Fills one shard's buffers row range by row range and remembers the cursor of the last row."""
+    """Fills one shard row range by row range and remembers the cursor of the last row."""
 
     def __init__(self, buffers: Buffers) -> None:
         self.buffers = buffers
         self.shard_rows = buffers.shape[1]
         self.rows = 0
         self.end = (0, 0)
-        self._acts: torch.Tensor | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._device: torch.Tensor | None = None
+        self._block: torch.Tensor | None = None
+        self._pieces: list[list[torch.Tensor]] = [[] for _ in range(self.buffers.shape[0])]
         self._tokens: dict[str, torch.Tensor] | None = None
 
     def add(self, chunk: int, offset: int, acts: list[torch.Tensor], tokens: dict[str, torch.Tensor],
-            start: int) -> int:
-        """Copy rows [start:] of `acts` (per layer, in the writer's layer order, each [n, d]) and of
-        `tokens` (each [n]), as many as fit, into the shard; return how many were taken.
+            start: int, copy: bool = True) -> int:
+        """Take rows [start:] of `acts` (per layer, in the writer's layer order, each [n, d]) and of
+        `tokens` (each [n]), as many as fit in the shard; return how many were taken. With copy=False the
+        host rows may be kept by reference (the caller must leave them unchanged).
 
         The rows are rows [offset + start, ...) of producer chunk `chunk`."""
         n = acts[0].shape[0]
         take = min(n - start, self.shard_rows - self.rows)
         if take <= 0:
             return 0
-        if self._acts is None:
-            self._acts = self.buffers.acts(acts[0].device).take()
+        if self._tokens is None:
             self._tokens = self.buffers.tokens.take()
+            if acts[0].device.type == "cuda":
+                self._device = self.buffers.acts(acts[0].device).take()
         r0, r1 = self.rows, self.rows + take
         for i, src in enumerate(acts):
-            _copy_rows(self._acts[i, r0:r1], src[start:start + take])
+            part = src[start:start + take]
+            if self._device is not None:
+                _copy_rows(self._device[i, r0:r1], part)
+            elif not copy and part.device.type == "cpu" and part.dtype == self.buffers.dtype and part.is_contiguous():
+                self._pieces[i].append(part)
+            else:
+                if self._block is None:
+                    self._block = self.buffers.acts(torch.device("cpu")).take()
+                _copy_rows(self._block[i, r0:r1], part)
+                self._pieces[i].append(self._block[i, r0:r1])
         for name, buf in self._tokens.items():
             _copy_rows(buf[r0:r1], tokens[name][start:start + take])
         self.rows = r1
@@ -128,11 +163,10 @@ class ShardAssembler:
     def full(self) -> bool:
         return self.rows == self.shard_rows
 
-    def pop(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
-        """(the whole activation block [layers, shard_rows, d], the whole token buffers, the cursor
-        after the last row). Their first `rows` rows are the shard; the caller gives both back to
-        `buffers` when done with them. A new shard starts empty."""
-        assert self._acts is not None and self.rows > 0
-        out = (self._acts, self._tokens, self.end)
-        self._acts, self._tokens, self.rows = None, None, 0
+    def pop(self) -> Pending:
+        """The buffered shard; a new shard starts empty."""
+        assert self._tokens is not None and self.rows > 0
+        out = Pending(self.rows, self.end, self._device, self._pieces, self._block, self._tokens)
+        self.rows = 0
+        self._start()
         return out

@@ -10,7 +10,6 @@ At most `max_inflight` shards are between emission and commit; `submit` waits fo
 memory and what a crash can lose. After a failure (shard k), shards emitted before k are still
 committed as they finish; k and everything emitted after it is dropped (temporaries removed), and the
 error is raised by the producer's next call, exactly as if the shards had been written one by one.
-With workers=0 everything runs in the caller's thread, one shard at a time.
 """
 
 from __future__ import annotations
@@ -53,8 +52,7 @@ class Pipeline:
         self._error_seq = math.inf
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        if workers:
-            self._start(workers)
+        self._start(max(1, workers))
 
     def _start(self, workers: int) -> None:
         # Workers compute CPU statistics with torch: one intra-op thread each, so that they do not
@@ -89,9 +87,6 @@ class Pipeline:
     # ---- producer side ------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue `job`, waiting while max_inflight shards are unfinished. Raises the first error."""
-        if not self._threads:
-            self._run_inline(job)
-            return
         with self._cond:
             while self._unfinished >= self._max and self._error is None:
                 self._cond.wait()
@@ -101,20 +96,6 @@ class Pipeline:
             self._unfinished += 1
             self._queue.append(job)
             self._cond.notify_all()
-
-    def _run_inline(self, job: Job) -> None:
-        if self._error is not None:
-            job.release()
-            raise self._error
-        try:
-            try:
-                self._prepare(job)
-            finally:
-                job.release()
-            self._commit([job])
-        except BaseException as exc:
-            self._error, self._error_seq = exc, job.seq
-            raise
 
     def drain(self) -> None:
         """Wait until every submitted shard is committed or dropped; raise the first error."""

@@ -38,33 +38,44 @@ def _check_little_endian() -> None:
         raise RuntimeError("the cache format is little-endian; this host is big-endian")
 
 
-def _layout(tensors: dict[str, torch.Tensor]) -> list[str]:
+Tensorlike = torch.Tensor | list[torch.Tensor]
+
+
+def _spec(t: Tensorlike) -> tuple[torch.dtype, list[int], int]:
+    """(dtype, shape, bytes) of a tensor, or of the row-wise concatenation of a list of pieces."""
+    if isinstance(t, torch.Tensor):
+        return t.dtype, list(t.shape), t.numel() * t.element_size()
+    first = t[0]
+    shape = [sum(p.shape[0] for p in t), *first.shape[1:]]
+    return first.dtype, shape, sum(p.numel() for p in t) * first.element_size()
+
+
+def _layout(tensors: dict[str, Tensorlike]) -> list[str]:
     # Wider items first: every tensor then starts at a multiple of its item size, which torch needs
     # to view the mapped bytes in place (the data section itself starts 8-aligned).
-    names = list(tensors)
-    return sorted(names, key=lambda n: -tensors[n].element_size())
+    return sorted(tensors, key=lambda n: -_spec(tensors[n])[0].itemsize)
 
 
-def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+def encode_header(tensors: dict[str, Tensorlike], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
     """The 8-byte length plus padded JSON header, and the order the tensor bytes follow in."""
     order = _layout(tensors)
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        dtype, shape, nbytes = _spec(tensors[name])
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def write_tmp(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+def write_tmp(path: Path, tensors: dict[str, Tensorlike], metadata: dict[str, str]) -> tuple[int, str]:
     """Write a new file at `path` (must not exist) and fsync it; return (bytes, xxh3_64 hex).
 
-    tensors: CPU tensors of the dtypes in DTYPE_CODES, any shape; written in C order.
+    tensors: CPU tensors of the dtypes in DTYPE_CODES, any shape, written in C order; a list of
+    tensors (pieces of the same dtype and trailing shape) is written as their concatenation along
+    the first dimension, without concatenating them in memory.
     """
     _check_little_endian()
     head, order = encode_header(tensors, metadata)
@@ -72,7 +83,11 @@ def write_tmp(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     size = 0
     try:
-        for part in [head] + [tensors[n] for n in order]:
+        parts = [head]
+        for name in order:
+            t = tensors[name]
+            parts.extend(t if isinstance(t, list) else [t])
+        for part in parts:
             if isinstance(part, torch.Tensor):
                 part = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             h.update(part)

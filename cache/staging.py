@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .buffer import Pool
-from .stats import row_sums
+from .stats import device_row_sums
 
 
 @dataclass
@@ -50,7 +50,7 @@ class CudaStager:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 part = acts[:, :rows]
-                sums, sq = row_sums(part)
+                sums, sq = device_row_sums(part)
                 for i in range(acts.shape[0]):  # contiguous per layer, also for a short last shard
                     host.acts[i, :rows].copy_(part[i], non_blocking=True)
                     host.sq[i, :rows].copy_(sq[i], non_blocking=True)

@@ -6,9 +6,10 @@ sums of the shards already on disk, reaches the same bits as an uninterrupted on
 
 A shard's sums are computed where its rows are: on the GPU (before the device-to-host copy) when the
 producer hands the writer CUDA tensors, on the CPU otherwise. Either way the values are widened
-exactly to float64 and every sum depends only on the shard's rows and the device type, never on the
-number of threads or on how the producer split its appends, so rewriting a shard after a crash on the
-same kind of device gives the same bits.
+exactly to float64, and every sum depends only on the shard's rows and the kind of device, never on
+the number of threads or on how the producer split its appends, so a shard rewritten after a crash
+on the same kind of device gets the same bits. The sums of squared norms and of norms are added up
+from the per-row values by numpy, whose order of addition is fixed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 # float64 elements converted at a time: on CPU a block stays in the core's cache (2 MB); on a GPU the
 # blocks are large so that a shard costs a handful of kernel launches.
 _CPU_BLOCK_ELEMENTS = 1 << 18
-_DEVICE_BLOCK_ELEMENTS = 1 << 25
+_DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -48,30 +49,39 @@ def _block_rows(d: int, device: torch.device) -> int:
     return max(1, budget // max(d, 1))
 
 
-def _cpu_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # torch widens (exact, and faster than numpy for bfloat16); numpy adds: its reductions are
-    # single-threaded, so the order of additions never depends on torch's thread count.
-    n_layers, n, d = x.shape
-    step = _block_rows(d, x.device)
-    sums = np.zeros((n_layers, d), dtype=np.float64)
-    sq = np.empty((n_layers, n), dtype=np.float64)
+def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 column sums [len(layers), d] and per-row squared L2 norms [len(layers), n] of CPU rows.
+
+    layers[i]: the pieces of layer i, row blocks [m_k, d] in order (sum m_k = n), in the stored dtype.
+    The rows are taken in fixed blocks counted from the first row, whatever the pieces, so the result
+    depends on the rows alone. Call it from a thread with one torch intra-op thread (the writer's
+    workers): reductions then never split across threads, and the order of additions is fixed."""
+    step = _block_rows(d, torch.device("cpu"))
+    sums = torch.zeros((len(layers), d), dtype=torch.float64)
+    sq = torch.empty((len(layers), n), dtype=torch.float64)
     scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float64)
-    part = np.empty(d, dtype=np.float64)
-    for i in range(n_layers):
+    for i, pieces in enumerate(layers):
+        k, pos = 0, 0  # current piece and the row within it
         for a in range(0, n, step):
             m = min(step, n - a)
+            filled = 0
+            while filled < m:  # gather rows [a, a + m) from the pieces, widening exactly
+                take = min(m - filled, pieces[k].shape[0] - pos)
+                scratch[filled:filled + take].copy_(pieces[k][pos:pos + take])
+                filled, pos = filled + take, pos + take
+                if pos == pieces[k].shape[0]:
+                    k, pos = k + 1, 0
             block = scratch[:m]
-            block.copy_(x[i, a:a + m])
-            b = block.numpy()
-            np.add.reduce(b, axis=0, out=part)
-            sums[i] += part
-            np.einsum("ij,ij->i", b, b, out=sq[i, a:a + m])
-    return torch.from_numpy(sums), torch.from_numpy(sq)
+            sums[i] += block.sum(dim=0)
+            sq[i, a:a + m] = torch.linalg.vecdot(block, block)
+    return sums, sq
 
 
-def _device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # All layers at once, in a few large blocks; reductions of fixed shapes on one device are
-    # deterministic, which is what resume-exactness needs.
+def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [layers, n, d] stored values on a GPU. Returns there float64 column sums [layers, d] and
+    per-row squared L2 norms [layers, n], queued on the current stream (no host synchronisation).
+    All layers at once in a few large blocks; reductions of fixed shapes on one device are
+    deterministic, which is what resume-exactness needs."""
     n_layers, n, d = x.shape
     step = _block_rows(n_layers * d, x.device)
     sums = torch.zeros((n_layers, d), dtype=torch.float64, device=x.device)
@@ -83,25 +93,16 @@ def _device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sums, sq
 
 
-def row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [layers, n, d] stored values on any device. Returns, on x's device, float64 column sums
-    [layers, d] and per-row squared L2 norms [layers, n]; `combine` turns them into ShardSums.
-    On CUDA the work is queued on the current stream (no host synchronisation)."""
-    if x.ndim != 3:
-        raise ValueError(f"row_sums takes [layers, n, d], got shape {tuple(x.shape)}")
-    return _cpu_row_sums(x) if x.device.type == "cpu" else _device_row_sums(x)
+def combine(sums: np.ndarray, sq: np.ndarray, layers: list[list[torch.Tensor]]) -> list[ShardSums]:
+    """ShardSums per layer from the row sums (host numpy: [layers, d], [layers, n]).
 
-
-def combine(sums: np.ndarray, sq: np.ndarray, values: torch.Tensor) -> list[ShardSums]:
-    """ShardSums per layer from row_sums' results (host numpy: [layers, d], [layers, n]).
-
-    values: the same rows [layers, n, d] on the host, read only to count bad values for the error.
+    layers: the same rows on the host (pieces per layer), read only to count bad values for the error.
     Raises ValueError on NaN or inf."""
     out = []
     for i in range(sums.shape[0]):
         total, sumsq = sums[i], float(np.add.reduce(sq[i]))
         if not (np.isfinite(total).all() and np.isfinite(sumsq)):
-            bad = int((~torch.isfinite(values[i])).sum())
+            bad = sum(int((~torch.isfinite(p)).sum()) for p in layers[i])
             raise ValueError(
                 f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them or they "
                 "overflow the stored dtype (float16 max 65504): use dtype bfloat16 or float32"
@@ -112,8 +113,8 @@ def combine(sums: np.ndarray, sq: np.ndarray, values: torch.Tensor) -> list[Shar
 
 def shard_sums(x: torch.Tensor) -> ShardSums:
     """Sums over the rows of x: [n, d] in the stored dtype, on CPU. Raises on NaN or inf."""
-    sums, sq = row_sums(x.unsqueeze(0))
-    return combine(sums.numpy(), sq.numpy(), x.unsqueeze(0))[0]
+    sums, sq = host_row_sums([[x]], x.shape[0], x.shape[1])
+    return combine(sums.numpy(), sq.numpy(), [[x]])[0]
 
 
 class SplitStats:

@@ -34,7 +34,7 @@ from .names import (
 )
 from .pipeline import Job, Pipeline
 from .staging import CudaStager, pinned_pool
-from .stats import ShardSums, combine, row_sums
+from .stats import ShardSums, combine, host_row_sums
 
 # Default bound on the activation bytes of the shards in flight (host memory; see `max_inflight`).
 INFLIGHT_BYTES = 4 << 30
@@ -42,11 +42,11 @@ INFLIGHT_BYTES = 4 << 30
 
 @dataclass
 class _Shard:
-    """A shard on its way to disk: host activations [layers, rows, d] (pinned when staged from a GPU,
-    then readable once `event` completed), host token fields [rows], and the float64 row sums when the
-    GPU computed them."""
+    """A shard on its way to disk: host activations (the pieces of each layer; pinned when staged from a
+    GPU, then readable once `event` completed), host token fields [rows], and the float64 row sums when
+    the GPU computed them."""
 
-    acts: torch.Tensor
+    acts: list[list[torch.Tensor]]
     tokens: dict[str, torch.Tensor]
     sums: torch.Tensor | None = None  # [layers, d] float64
     sq: torch.Tensor | None = None  # [layers, rows] float64
@@ -86,7 +86,8 @@ class CacheWriter:
     with at most `max_inflight` shards between the moment they fill and their commit (default:
     workers + 1, fewer if they would hold more than 4 GiB); the producer waits only when that many are
     pending. An error in the background is raised by the producer's next append / flush / finish.
-    async_write=False does everything in the producer's thread, one shard at a time.
+    async_write=False writes one shard at a time and returns from the append that filled it only once
+    it is committed.
 
     Rows appended as CUDA tensors are assembled on that GPU, their statistics computed there, and copied
     to reused pinned host buffers on a side stream (cache/staging.py): append never waits for the GPU.
@@ -126,9 +127,12 @@ class CacheWriter:
         self._stagers: dict[torch.device, CudaStager] = {}
         self._pinned = None
         self._closed = False
+        self._async = async_write
+        # Synchronous writing is the same pipeline with one shard at a time, waited for: statistics are
+        # then always computed on a worker thread with one torch thread (see stats.host_row_sums).
         self._pipeline = Pipeline(prepare=self._prepare, commit=self._commit, discard=self._discard,
-                                  next_index=self._next_index, workers=workers if async_write else 0,
-                                  max_inflight=max_inflight)
+                                  next_index=self._next_index, workers=workers if async_write else 1,
+                                  max_inflight=max_inflight if async_write else 1)
 
     @staticmethod
     def _check_args(layers: list[int], d_model: int, dtype: str, shard_rows: int, backend: str,
@@ -206,14 +210,16 @@ class CacheWriter:
 
     def append(self, split: str, *, chunk: int, offset: int, acts: dict[int, torch.Tensor],
                token_ids: torch.Tensor, sequence: torch.Tensor, position: torch.Tensor,
-               document: torch.Tensor) -> None:
+               document: torch.Tensor, copy: bool = True) -> None:
         """Add rows [offset, offset+n) of producer chunk `chunk` to `split`.
 
         acts[L]: [n, d_model], any float dtype and device (cast to the stored dtype; CUDA rows are
-        assembled on their GPU). token_ids, sequence, position, document: integer [n]. The tensors are
-        copied before append returns (on CUDA: the copy is queued on the current stream), so the caller
-        may reuse them. Emits a shard each time shard_rows rows are buffered; its `end` cursor is
-        (chunk, offset) of the row after its last row.
+        assembled on their GPU). token_ids, sequence, position, document: integer [n]. With copy=True
+        the tensors are copied before append returns (on CUDA: the copy is queued on the current
+        stream), so the caller may reuse them. copy=False hands the activations over: host tensors
+        already in the stored dtype are then written from where they are, with no copy, and the caller
+        must not change them afterwards. Emits a shard each time shard_rows rows are buffered; its `end`
+        cursor is (chunk, offset) of the row after its last row.
         """
         self._raise_if_failed()
         self._split(split)
@@ -228,37 +234,41 @@ class CacheWriter:
         self._appended[split] += n
         asm, start = self._asm[split], 0
         while start < n:
-            start += asm.add(chunk, offset, layer_rows, tokens, start)
+            start += asm.add(chunk, offset, layer_rows, tokens, start, copy=copy)
             if asm.full():
                 self._emit(split)
 
     def _emit(self, split: str) -> None:
-        asm = self._asm[split]
-        rows = asm.rows
-        block, tokens, end = asm.pop()
+        pending = self._asm[split].pop()
+        rows, tokens = pending.rows, pending.tokens
         index = self._next_index[split]
         name = shard_name(split, index, self.backend)
         self._next_index[split] += 1
         token_views = {k: v[:rows] for k, v in tokens.items()}
-        if block.device.type == "cuda":
+        if pending.device is not None:
+            block = pending.device
             staged = self._stager(block.device).stage(block, rows, self._buffers.acts(block.device))
             host = staged.host
-            shard = _Shard(host.acts[:, :rows], token_views, host.sums, host.sq[:, :rows], staged.event)
+            shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
+                           host.sq[:, :rows], staged.event)
 
             def release() -> None:
                 staged.event.synchronize()  # never recycle a buffer a copy may still be writing
                 self._pinned.give(host)
                 self._buffers.tokens.give(tokens)
         else:
-            shard = _Shard(block[:, :rows], token_views)
-            pool = self._buffers.acts(block.device)
+            shard = _Shard(pending.host, token_views)
+            block, pool = pending.block, self._buffers.acts(torch.device("cpu"))
 
             def release() -> None:
-                pool.give(block)
+                if block is not None:
+                    pool.give(block)
                 self._buffers.tokens.give(tokens)
 
         self._seq += 1
-        self._pipeline.submit(Job(self._seq, split, index, name, rows, end, shard, release))
+        self._pipeline.submit(Job(self._seq, split, index, name, rows, pending.end, shard, release))
+        if not self._async:
+            self._pipeline.drain()
 
     def _stager(self, device: torch.device) -> CudaStager:
         if self._pinned is None:
@@ -273,14 +283,14 @@ class CacheWriter:
         if shard.event is not None:
             shard.event.synchronize()
         if shard.sums is None:
-            sums, sq = row_sums(shard.acts)
+            sums, sq = host_row_sums(shard.acts, job.rows, self.d_model)
         else:
             sums, sq = shard.sums, shard.sq
         try:
             per_layer = dict(zip(self.layers, combine(sums.numpy(), sq.numpy(), shard.acts), strict=True))
         except ValueError as exc:
             raise ValueError(f"shard {job.name}: {exc}") from None
-        tensors = {layer_key(L): shard.acts[i] for i, L in enumerate(self.layers)}
+        tensors: dict = {layer_key(L): shard.acts[i] for i, L in enumerate(self.layers)}
         tensors.update(shard.tokens)
         for layer, s in per_layer.items():
             k_sum, k_sq, k_norm = stat_keys(layer)

@@ -4,12 +4,12 @@ Rows are selected on the model's device (index_select by precomputed flat indice
 host-device synchronisation is needed to learn how many rows a batch keeps), scattered straight
 into a per-layer window buffer in the shuffled order, cast to the stored dtype there.
 
-The window buffers go to `writer.append` as they are, on the model's device: the cache writer copies
-them into its shard buffers on that device, computes the shard statistics there, and moves each full
-shard to pinned host memory on its own stream (cache/staging.py), so on CUDA the main thread launches
-the next window's forward while earlier shards are copied, hashed and written; it waits only when the
-writer has as many shards in flight as it allows (the disk is the bottleneck). On CPU the same code
-appends directly.
+The window buffers go to `writer.append` as they are, on the model's device. On CUDA the cache writer
+copies them into its shard buffers on that GPU, computes the shard statistics there, and moves each
+full shard to pinned host memory on its own stream (cache/staging.py), so the main thread launches the
+next window's forward while earlier shards are copied, hashed and written; it waits only when the
+writer has as many shards in flight as it allows (the disk is the bottleneck). On CPU the writer keeps
+the window buffers themselves and writes them from there (no copy).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _to(t: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tens
 
 class WindowSink:
     """Delivers computed windows to `writer.append`; rows before `offset` (already committed before a
-    resume) are dropped. `writer.append` must copy what it is given before it returns (or queue the copy
-    on the current CUDA stream, as CacheWriter does): the window buffers are freed afterwards."""
+    resume) are dropped. The window buffers are handed over (`copy=False`): compute_window makes new ones
+    for every window and never touches them again, so the writer may write host rows from where they
+    are instead of copying them (it copies rows on a GPU into its own buffers there)."""
 
     def __init__(self, writer: object, device: torch.device) -> None:
         self.writer = writer
@@ -69,7 +70,7 @@ class WindowSink:
         o = offset
         self.writer.append(plan.split, chunk=plan.chunk, offset=o, acts={layer: a[o:] for layer, a in acts.items()},
                            token_ids=plan.token_ids[o:], sequence=plan.sequence[o:], position=plan.position[o:],
-                           document=plan.document[o:])
+                           document=plan.document[o:], copy=False)
 
     def close(self) -> None:
         """Nothing is held between windows; kept so that callers can close a sink whatever it buffers."""

@@ -249,3 +249,30 @@ def test_async_writer_error_surfaces_on_next_call_and_stops_later_shards(tmp_pat
     c = cache.open(tmp_path / "c", allow_incomplete=True)
     assert [s.name.split(".")[0] for s in c.shards("train")] == ["train-000000"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", c.shards("train")[0].name]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shards_and_statistics_do_not_depend_on_how_rows_were_appended(tmp_path, backend, dtype):
+    """The same rows appended whole, or in uneven pieces handed over without a copy (copy=False), or copied
+    piece by piece: the same shard bytes and the same float64 statistics, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    n = 3 * SHARD_ROWS + 17
+    acts = {L: (torch.randn(n, 12, generator=g) * (L + 1)).to(getattr(torch, dtype)) for L in LAYERS}
+    tok = torch.arange(n)
+    cuts = [0, 5, 6, 47, 48, 90, 131, n]  # pieces of 1 to 47 rows, crossing shard boundaries
+
+    def write(folder, pieces, copy):
+        w = new_writer(folder, backend, dtype=dtype, async_write=True, workers=2)
+        for a, b in pieces:
+            w.append("train", chunk=0, offset=a, acts={L: t[a:b] for L, t in acts.items()}, token_ids=tok[a:b],
+                     sequence=tok[a:b], position=tok[a:b], document=tok[a:b], copy=copy)
+        w.finish()
+        return cache.open(folder).manifest
+
+    whole = write(tmp_path / "whole", [(0, n)], True)
+    pieces = list(zip(cuts, cuts[1:], strict=False))
+    for name, copy in (("pieces-handed-over", False), ("pieces-copied", True)):
+        got = write(tmp_path / name, pieces, copy)
+        assert got["shards"] == whole["shards"], name
+        assert got["stats"] == whole["stats"], name
+    assert torch.equal(cache.open(tmp_path / "whole").read("train", 1, 5), acts[5][SHARD_ROWS:2 * SHARD_ROWS])
