@@ -22,6 +22,11 @@ import torch
 T = TypeVar("T")
 
 
+def assembles_on_device(device: torch.device) -> bool:
+    """Whether rows arriving on `device` are assembled there (and staged to the host by the writer)."""
+    return device.type == "cuda"
+
+
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     if src.device.type == "cpu" and dst.device.type == "cpu" and src.dtype == dst.dtype and src.is_contiguous():
         # A plain byte copy in numpy: torch would split it over its intra-op threads, which on a
@@ -140,7 +145,7 @@ class ShardAssembler:
             return 0
         if self._tokens is None:
             self._tokens = self.buffers.tokens.take()
-            if acts[0].device.type == "cuda":
+            if assembles_on_device(acts[0].device):
                 self._device = self.buffers.acts(acts[0].device).take()
         r0, r1 = self.rows, self.rows + take
         for i, src in enumerate(acts):

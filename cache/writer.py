@@ -33,7 +33,7 @@ from .names import (
     stat_keys,
 )
 from .pipeline import Job, Pipeline
-from .staging import CudaStager, pinned_pool
+from .staging import DeviceStager
 from .stats import ShardSums, combine, host_row_sums
 
 # Default bound on the activation bytes of the shards in flight (host memory; see `max_inflight`).
@@ -124,8 +124,7 @@ class CacheWriter:
         self._seq = 0
         self._cursor = {s: self.resume_point(s) for s in SPLITS}
         self._appended = {s: self._manifest["rows"][s] for s in SPLITS}
-        self._stagers: dict[torch.device, CudaStager] = {}
-        self._pinned = None
+        self._stagers: dict[torch.device, DeviceStager] = {}
         self._closed = False
         self._async = async_write
         # Synchronous writing is the same pipeline with one shard at a time, waited for: statistics are
@@ -247,14 +246,14 @@ class CacheWriter:
         token_views = {k: v[:rows] for k, v in tokens.items()}
         if pending.device is not None:
             block = pending.device
-            staged = self._stager(block.device).stage(block, rows, self._buffers.acts(block.device))
+            stager = self._stager(block.device)
+            staged = stager.stage(block, rows, self._buffers.acts(block.device))
             host = staged.host
             shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
                            host.sq[:, :rows], staged.event)
 
             def release() -> None:
-                staged.event.synchronize()  # never recycle a buffer a copy may still be writing
-                self._pinned.give(host)
+                stager.give(host, staged.event)  # waits for the copy: never recycle a buffer it still writes
                 self._buffers.tokens.give(tokens)
         else:
             shard = _Shard(pending.host, token_views)
@@ -270,11 +269,9 @@ class CacheWriter:
         if not self._async:
             self._pipeline.drain()
 
-    def _stager(self, device: torch.device) -> CudaStager:
-        if self._pinned is None:
-            self._pinned = pinned_pool(self._buffers.shape, self._stored, keep=self._buffers.keep)
+    def _stager(self, device: torch.device) -> DeviceStager:
         if device not in self._stagers:
-            self._stagers[device] = CudaStager(device, self._pinned)
+            self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep)
         return self._stagers[device]
 
     # ---- preparing and committing (pipeline threads, or the producer's thread) ------------------
