@@ -121,7 +121,7 @@ def grid_case(n_layers: int, dtype: torch.dtype, d: int, total_bytes: int, reps:
                               shard_rows=shard_rows, identity={"bench": 1}, metadata={}, async_write=True)
         for a in range(0, rows, piece):
             w.append("train", chunk=a // piece, offset=0, acts={L: t[a:a + piece] for L, t in acts.items()},
-                     **{k: v[a:a + piece] for k, v in tokens.items()})
+                     copy=False, **{k: v[a:a + piece] for k, v in tokens.items()})
         w.finish()
         seconds = time.perf_counter() - t0
         _clean(out)

@@ -1,8 +1,9 @@
 """safetensors shards: a spec-conformant writer and a zero-copy, memory-mapped reader.
 
 We write the file ourselves (8-byte little-endian header length, JSON header padded with spaces to an
-8-byte boundary, then the tensors back to back) so that every byte passes through `durable.write_all`
-and is hashed on the way out. `safetensors.safe_open` reads these files; the tests check it.
+8-byte boundary, then the tensors back to back) so that every byte is hashed on the way out and goes
+to the disk without a detour through the page cache where the filesystem allows (cache/directio.py).
+`safetensors.safe_open` reads these files; the tests check it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import xxhash
 
-from . import durable
+from . import directio
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -75,28 +75,17 @@ def write_tmp(path: Path, tensors: dict[str, Tensorlike], metadata: dict[str, st
 
     tensors: CPU tensors of the dtypes in DTYPE_CODES, any shape, written in C order; a list of
     tensors (pieces of the same dtype and trailing shape) is written as their concatenation along
-    the first dimension, without concatenating them in memory.
+    the first dimension, without concatenating them in memory. The bytes go to the disk directly
+    when the filesystem allows it (cache/directio.py).
     """
     _check_little_endian()
     head, order = encode_header(tensors, metadata)
-    h = xxhash.xxh3_64()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    size = 0
-    try:
-        parts = [head]
-        for name in order:
-            t = tensors[name]
-            parts.extend(t if isinstance(t, list) else [t])
-        for part in parts:
-            if isinstance(part, torch.Tensor):
-                part = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            h.update(part)
-            durable.write_all(fd, part)
-            size += len(part)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return size, h.hexdigest()
+    parts = [memoryview(head)]
+    for name in order:
+        t = tensors[name]
+        for piece in t if isinstance(t, list) else [t]:
+            parts.append(memoryview(piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return directio.write_new_file(path, parts)
 
 
 class ShardFormatError(ValueError):

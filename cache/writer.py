@@ -71,18 +71,24 @@ def _check_int(name: str, value: object) -> int:
 
 
 def default_workers() -> int:
-    """Writer threads: enough to keep a disk busy while others hash and compute statistics."""
+    """Writer threads: enough to keep a disk busy while others hash and compute statistics; half the
+    cores this process may use, shared with the other processes of a torchrun job on this node
+    (LOCAL_WORLD_SIZE), between 3 and 4: a worker waiting for fsync leaves its core to another."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    return min(4, max(2, cpus // 2))
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return min(4, max(3, cpus // 2 // local))
 
 
 class CacheWriter:
     """Writes a cache folder. FORMAT.md section 6 states the new / resume / overwrite / refuse rules.
 
-    async_write=True prepares shards on `workers` background threads (default: 2 to 4, by core count),
+    async_write=True prepares shards on `workers` background threads (default: 3 or 4, by core count),
     with at most `max_inflight` shards between the moment they fill and their commit (default:
     workers + 1, fewer if they would hold more than 4 GiB); the producer waits only when that many are
     pending. An error in the background is raised by the producer's next append / flush / finish.

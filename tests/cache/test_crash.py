@@ -18,7 +18,7 @@ import torch
 import zarr.storage._local as zarr_local
 
 import cache
-from cache import checksum
+from cache import checksum, directio
 from tests.cache.cache_producer import LAYERS, SHARD_ROWS, D, expected_ends, new_writer, produce, write_cache
 
 N_TRAIN, N_HELDOUT = 8, 3
@@ -69,11 +69,22 @@ def _assert_same_as_reference(folder: Path, ref: Path) -> None:
     assert cache.verify(folder) == []
 
 
+@pytest.fixture(params=["direct", "page-cache"])
+def io_path(request, monkeypatch) -> str:
+    """safetensors shards written with O_DIRECT (in 4 KiB writes, so that a shard takes several) or
+    through the page cache. On a filesystem without O_DIRECT both take the page-cache path."""
+    if request.param == "direct":
+        monkeypatch.setattr(directio, "CHUNK", 4096)
+    else:
+        monkeypatch.setattr(directio, "ENABLED", False)
+    return request.param
+
+
 @pytest.mark.parametrize("async_write", [False, True])
-def test_disk_full_during_a_shard_then_resume(tmp_path, backend, monkeypatch, async_write):
+def test_disk_full_during_a_shard_then_resume(tmp_path, backend, monkeypatch, async_write, io_path):
     ref = write_cache(tmp_path / "ref", backend, n_train=N_TRAIN, n_heldout=N_HELDOUT)
     folder = tmp_path / "c"
-    bad = 2  # the third train shard hits a full disk
+    bad = 2  # the third train shard hits a full disk, after one write of it went through
     _inject_enospc(monkeypatch, backend, f".tmp-train-{bad:06d}")
     w = new_writer(folder, backend, async_write=async_write)
     with pytest.raises(OSError, match=f"disk full while writing shard train-{bad:06d}.*free space and rerun") as info:
