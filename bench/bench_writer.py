@@ -41,7 +41,7 @@ import cache  # noqa: E402
 from cache.names import TOKEN_FIELDS  # noqa: E402
 
 QWEN3_WIDTH, QWEN3_BLOCKS = 2048, 28
-SHARD_BYTES = 96 << 20  # grid shards: the harvest default of 16,384 rows, fewer when a shard would pass this
+SHARD_BYTES = 48 << 20  # grid shards: the harvest default of 16,384 rows, fewer when a shard would pass this
 
 
 def _sync_disk() -> None:

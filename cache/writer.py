@@ -36,7 +36,9 @@ from .pipeline import Job, Pipeline
 from .staging import DeviceStager
 from .stats import ShardSums, combine, host_row_sums
 
-# Default bound on the activation bytes of the shards in flight (host memory; see `max_inflight`).
+# Defaults of `max_inflight`: up to 16 shards while they hold less than GROUP_BYTES, never more than
+# INFLIGHT_BYTES of activations (host memory), and at least 2.
+GROUP_BYTES = 512 << 20
 INFLIGHT_BYTES = 4 << 30
 
 
@@ -89,9 +91,10 @@ class CacheWriter:
     """Writes a cache folder. FORMAT.md section 6 states the new / resume / overwrite / refuse rules.
 
     async_write=True prepares shards on `workers` background threads (default: 3 or 4, by core count),
-    with at most `max_inflight` shards between the moment they fill and their commit (default:
-    workers + 1, fewer if they would hold more than 4 GiB); the producer waits only when that many are
-    pending. An error in the background is raised by the producer's next append / flush / finish.
+    with at most `max_inflight` shards between the moment they fill and their commit (default: workers
+    + 1, up to 16 small shards while they hold less than 512 MiB, at most 4 GiB and at least 2 shards);
+    the producer waits only when that many are pending. An error in the background is raised by the
+    producer's next append / flush / finish.
     async_write=False writes one shard at a time and returns from the append that filled it only once
     it is committed.
 
@@ -108,7 +111,9 @@ class CacheWriter:
         workers = default_workers() if workers is None else _check_int("workers", workers)
         shard_bytes = len(layers) * shard_rows * d_model * STORED_DTYPES[dtype].itemsize
         if max_inflight is None:
-            max_inflight = max(1, min(workers + 1, INFLIGHT_BYTES // shard_bytes))
+            # Small shards: more of them, so that many share a manifest rewrite; large ones: a memory cap.
+            wanted = max(workers + 1, min(16, GROUP_BYTES // shard_bytes))
+            max_inflight = max(2, min(wanted, INFLIGHT_BYTES // shard_bytes))
         elif _check_int("max_inflight", max_inflight) < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.path = Path(path)
