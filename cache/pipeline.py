@@ -132,8 +132,11 @@ class Pipeline:
             except BaseException as exc:  # surfaced to the producer on its next call
                 job.failed = True
                 self._fail(job.seq, exc)
-            finally:
+            try:
                 job.release()
+            except BaseException as exc:  # a thread that dies here would leave the producer waiting forever
+                job.failed = True
+                self._fail(job.seq, exc)
             with self._cond:
                 self._ready[job.split][job.index] = job
                 self._cond.notify_all()
@@ -159,7 +162,10 @@ class Pipeline:
                     self._cond.wait()
                     group, dropped = self._collect()
             for job in dropped:
-                self._discard(job)
+                try:
+                    self._discard(job)
+                except BaseException as exc:
+                    self._fail(job.seq, exc)
             if group:
                 try:
                     self._commit(group)

@@ -276,3 +276,29 @@ def test_shards_and_statistics_do_not_depend_on_how_rows_were_appended(tmp_path,
         assert got["shards"] == whole["shards"], name
         assert got["stats"] == whole["stats"], name
     assert torch.equal(cache.open(tmp_path / "whole").read("train", 1, 5), acts[5][SHARD_ROWS:2 * SHARD_ROWS])
+
+
+def test_an_error_while_giving_buffers_back_is_raised_not_a_hang(tmp_path, monkeypatch):
+    from cache import buffer
+
+    def broken(self, item, event=None):
+        raise RuntimeError("pool broken")
+
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2)
+    monkeypatch.setattr(buffer.Pool, "give", broken)
+    outcome = []
+
+    def run():
+        try:
+            w.append("train", chunk=0, offset=0, **_args(12))
+            w.flush()
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+        finally:
+            w.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the writer hung after a failure in a worker thread"
+    assert outcome == ["pool broken"]
