@@ -69,7 +69,8 @@ def build(shape: str, device: torch.device) -> LoadedModel:
 def _disk_shards(rows: dict[str, int], shard_rows: int, n_layers: int, d: int, dtype: torch.dtype) -> list[dict]:
     """Shards of the harvest's shapes: per split, full shards then the short rest (random values; the
     shards share their layer blocks, which save_file allows across files but not within one)."""
-    blocks = [torch.randn(shard_rows, d).to(dtype) for _ in range(n_layers)]
+    first = torch.randn(shard_rows, d).to(dtype)
+    blocks = [first] + [first.clone() for _ in range(n_layers - 1)]  # the disk does not care what they hold
     out = []
     for n in rows.values():
         for a in range(0, n, shard_rows):
@@ -90,12 +91,13 @@ def _tmpfs(nbytes: int) -> Path | None:
     return shm / "bench-harvest-gpu" if st.f_bavail * st.f_frsize > 1.3 * nbytes else None
 
 
-def stats_check(path: Path, layers: list[int], shards: int = 2) -> dict:
-    """Each of the first `shards` train shards: its stored float64 sums against numpy float64 on its rows."""
+def stats_check(path: Path, layers: list[int], shards: int = 1) -> dict:
+    """The first `shards` train shards: their stored float64 sums of the first, middle and last layer
+    against numpy float64 on the rows read back."""
     worst = 0.0
     with cache.open(path) as c:
         for info in c.shards("train")[:shards]:
-            for layer in layers:
+            for layer in sorted({layers[0], layers[len(layers) // 2], layers[-1]}):
                 x = c.read("train", info.index, layer).float().numpy().astype(np.float64)
                 norms = np.sqrt((x * x).sum(axis=1))
                 shard = shardio.open_shard(path / info.name, "safetensors")

@@ -109,6 +109,8 @@ class CacheWriter:
                  max_inflight: int | None = None) -> None:
         self._check_args(layers, d_model, dtype, shard_rows, backend, zarr_compression, identity, metadata)
         workers = default_workers() if workers is None else _check_int("workers", workers)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         shard_bytes = len(layers) * shard_rows * d_model * STORED_DTYPES[dtype].itemsize
         if max_inflight is None:
             # Small shards: more of them, so that many share a manifest rewrite; large ones: a memory cap.
@@ -127,6 +129,7 @@ class CacheWriter:
             d_model=d_model, dtype=dtype, backend=backend, shard_rows=shard_rows,
             zarr_compression=zarr_compression)
         self._manifest, self._totals = folder_mod.open_for_writing(self.path, requested, overwrite)
+        self._text = manifest.ManifestText()
         self._lock = threading.Lock()
         self._buffers = Buffers(shard_rows, len(self.layers), d_model, self._stored, TOKEN_FIELDS,
                                 keep=max_inflight + 2)
@@ -285,7 +288,7 @@ class CacheWriter:
             self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep)
         return self._stagers[device]
 
-    # ---- preparing and committing (pipeline threads, or the producer's thread) ------------------
+    # ---- preparing and committing (on the pipeline's threads) ------------------------------------
     def _prepare(self, job: Job) -> None:
         shard: _Shard = job.payload
         if shard.event is not None:
@@ -335,7 +338,7 @@ class CacheWriter:
 
     def _save(self, m: dict, what: str) -> None:
         try:
-            manifest.save(self.path, m)
+            manifest.save(self.path, m, self._text)
         except OSError as exc:
             raise describe_os_error(exc, f"{what} in {self.path}") from exc
 

@@ -168,7 +168,9 @@ def test_constructor_rejects_bad_arguments(tmp_path):
                             (dict(backend="hdf5"), "backend must be one of"),
                             (dict(shard_rows=0), "shard_rows must"),
                             (dict(identity={"x": object()}), "identity must be JSON-serialisable"),
-                            (dict(zarr_compression="lz4", backend="zarr"), "zarr_compression must be")]:
+                            (dict(zarr_compression="lz4", backend="zarr"), "zarr_compression must be"),
+                            (dict(workers=0), "workers must be >= 1"), (dict(max_inflight=0), "max_inflight must"),
+                            (dict(workers=1.5), "workers must be an int")]:
         with pytest.raises(ValueError, match=message):
             cache.CacheWriter(tmp_path / "c", **{**base, **change})
 
