@@ -6,10 +6,14 @@ committer thread *commits* (renames, one fsync of the folder, one manifest rewri
 prepared shards that follow the last committed shard of their split, all together: shards that finish
 together share one manifest rewrite, and the manifest never lists a shard before its predecessors.
 
-At most `max_inflight` shards are between emission and commit; `submit` waits for a slot, which bounds
-memory and what a crash can lose. After a failure (shard k), shards emitted before k are still
-committed as they finish; k and everything emitted after it is dropped (temporaries removed), and the
-error is raised by the producer's next call, exactly as if the shards had been written one by one.
+At most `max_inflight` shards are emitted and not yet written (they hold the buffers: this bounds
+memory), and at most `max_uncommitted` are emitted and not yet committed (what a crash can lose);
+`submit` waits while either is reached. Written shards hold no buffers, so commits may lag behind the
+writes and then take many shards at once when fsyncs are slow.
+
+After a failure (shard k), shards emitted before k are still committed as they finish; k and
+everything emitted after it is dropped (temporaries removed), and the error is raised by the
+producer's next call, exactly as if the shards had been written one by one.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ class Job:
 class Pipeline:
     def __init__(self, *, prepare: Callable[[Job], None], commit: Callable[[list[Job]], None],
                  discard: Callable[[Job], None], next_index: dict[str, int], workers: int,
-                 max_inflight: int) -> None:
+                 max_inflight: int, max_uncommitted: int) -> None:
         self._prepare, self._commit, self._discard = prepare, commit, discard
-        self._max = max_inflight
+        self._max_unwritten, self._max_unfinished = max_inflight, max(max_inflight, max_uncommitted)
+        self._unwritten = 0
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._ready: dict[str, dict[int, Job]] = {s: {} for s in next_index}
@@ -86,13 +91,16 @@ class Pipeline:
 
     # ---- producer side ------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue `job`, waiting while max_inflight shards are unfinished. Raises the first error."""
+        """Queue `job`, waiting while max_inflight shards are unwritten or max_uncommitted uncommitted.
+        Raises the first error."""
         with self._cond:
-            while self._unfinished >= self._max and self._error is None:
+            while (self._unwritten >= self._max_unwritten or self._unfinished >= self._max_unfinished) \
+                    and self._error is None:
                 self._cond.wait()
             if self._error is not None:
                 job.release()
                 raise self._error
+            self._unwritten += 1
             self._unfinished += 1
             self._queue.append(job)
             self._cond.notify_all()
@@ -137,7 +145,9 @@ class Pipeline:
             except BaseException as exc:  # a thread that dies here would leave the producer waiting forever
                 job.failed = True
                 self._fail(job.seq, exc)
+            job.payload = None  # a written shard holds no rows: memory is bounded by the unwritten ones
             with self._cond:
+                self._unwritten -= 1
                 self._ready[job.split][job.index] = job
                 self._cond.notify_all()
 

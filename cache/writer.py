@@ -37,9 +37,11 @@ from .staging import DeviceStager
 from .stats import ShardSums, combine, host_row_sums
 
 # Defaults of `max_inflight`: up to 16 shards while they hold less than GROUP_BYTES, never more than
-# INFLIGHT_BYTES of activations (host memory), and at least 2.
+# INFLIGHT_BYTES of activations (host memory), and at least 2. Of `max_uncommitted`: up to 64 shards
+# while they hold less than UNCOMMITTED_BYTES, and at least max_inflight.
 GROUP_BYTES = 512 << 20
 INFLIGHT_BYTES = 4 << 30
+UNCOMMITTED_BYTES = 2 << 30
 
 
 @dataclass
@@ -91,10 +93,12 @@ class CacheWriter:
     """Writes a cache folder. FORMAT.md section 6 states the new / resume / overwrite / refuse rules.
 
     async_write=True prepares shards on `workers` background threads (default: 3 or 4, by core count),
-    with at most `max_inflight` shards between the moment they fill and their commit (default: workers
-    + 1, up to 16 small shards while they hold less than 512 MiB, at most 4 GiB and at least 2 shards);
-    the producer waits only when that many are pending. An error in the background is raised by the
-    producer's next append / flush / finish.
+    with at most `max_inflight` shards filled and not yet written (their buffers; default: workers + 1,
+    up to 16 small shards while they hold less than 512 MiB, at most 4 GiB and at least 2 shards) and
+    at most `max_uncommitted` filled and not yet listed in the manifest (what a crash can lose; default:
+    up to 64 shards while they hold less than 2 GiB, at least max_inflight); the producer waits only
+    when either is reached. An error in the background is raised by the producer's next append / flush
+    / finish.
     async_write=False writes one shard at a time and returns from the append that filled it only once
     it is committed.
 
@@ -106,7 +110,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, *, layers: list[int], d_model: int, dtype: str, shard_rows: int,
                  identity: dict, metadata: dict, backend: str = "safetensors", overwrite: bool = False,
                  zarr_compression: str | None = None, async_write: bool = False, workers: int | None = None,
-                 max_inflight: int | None = None) -> None:
+                 max_inflight: int | None = None, max_uncommitted: int | None = None) -> None:
         self._check_args(layers, d_model, dtype, shard_rows, backend, zarr_compression, identity, metadata)
         workers = default_workers() if workers is None else _check_int("workers", workers)
         if workers < 1:
@@ -118,6 +122,10 @@ class CacheWriter:
             max_inflight = max(2, min(wanted, INFLIGHT_BYTES // shard_bytes))
         elif _check_int("max_inflight", max_inflight) < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if max_uncommitted is None:
+            max_uncommitted = max(max_inflight, min(64, UNCOMMITTED_BYTES // shard_bytes))
+        elif _check_int("max_uncommitted", max_uncommitted) < max_inflight:
+            raise ValueError(f"max_uncommitted must be >= max_inflight ({max_inflight}), got {max_uncommitted}")
         self.path = Path(path)
         self.layers = [int(x) for x in layers]
         self.d_model, self.dtype, self.backend = d_model, dtype, backend
@@ -145,7 +153,8 @@ class CacheWriter:
         # then always computed on a worker thread with one torch thread (see stats.host_row_sums).
         self._pipeline = Pipeline(prepare=self._prepare, commit=self._commit, discard=self._discard,
                                   next_index=self._next_index, workers=workers if async_write else 1,
-                                  max_inflight=max_inflight if async_write else 1)
+                                  max_inflight=max_inflight if async_write else 1,
+                                  max_uncommitted=max_uncommitted if async_write else 1)
 
     @staticmethod
     def _check_args(layers: list[int], d_model: int, dtype: str, shard_rows: int, backend: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -170,7 +171,8 @@ def test_constructor_rejects_bad_arguments(tmp_path):
                             (dict(identity={"x": object()}), "identity must be JSON-serialisable"),
                             (dict(zarr_compression="lz4", backend="zarr"), "zarr_compression must be"),
                             (dict(workers=0), "workers must be >= 1"), (dict(max_inflight=0), "max_inflight must"),
-                            (dict(workers=1.5), "workers must be an int")]:
+                            (dict(workers=1.5), "workers must be an int"),
+                            (dict(max_inflight=3, max_uncommitted=2), "max_uncommitted must be >= max_inflight")]:
         with pytest.raises(ValueError, match=message):
             cache.CacheWriter(tmp_path / "c", **{**base, **change})
 
@@ -304,3 +306,46 @@ def test_an_error_while_giving_buffers_back_is_raised_not_a_hang(tmp_path, monke
     t.join(30)
     assert not t.is_alive(), "the writer hung after a failure in a worker thread"
     assert outcome == ["pool broken"]
+
+
+def test_written_shards_wait_for_their_commit_without_holding_rows(tmp_path, monkeypatch):
+    """While the manifest rewrite is held, shards keep being written up to max_uncommitted, and those
+    written let go of their rows: memory is bounded by max_inflight, what a crash loses by max_uncommitted."""
+    from cache import manifest as manifest_mod
+    from cache import shardio
+
+    gate, held, real_save, real_write = threading.Event(), threading.Event(), manifest_mod.save, shardio.write_tmp
+    calls = []
+
+    def slow_save(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:  # the first rewrite opens the cache; hold the commits after it
+            held.set()
+            gate.wait(30)
+        return real_save(*a, **kw)
+
+    def write_tmp(folder, name, *a, **kw):
+        if not name.startswith("train-000000"):
+            held.wait(30)  # shard 0 is committed alone, and its commit is held before the others are written
+        return real_write(folder, name, *a, **kw)
+
+    monkeypatch.setattr(manifest_mod, "save", slow_save)
+    monkeypatch.setattr(shardio, "write_tmp", write_tmp)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2, max_inflight=2,
+                   max_uncommitted=5)
+    for i in range(5):  # five shards, handed over without a copy
+        w.append("train", chunk=i, offset=0, copy=False, **_args(4))
+    deadline = time.monotonic() + 30
+    while len(list((tmp_path / "c").glob(".tmp-train-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # shard 0 sits in the held commit, renamed; shards 1-4 wait under temporary names
+    waiting = [job for ready in w._pipeline._ready.values() for job in ready.values()]
+    assert sorted(job.index for job in waiting) == [1, 2, 3, 4]
+    assert all(job.payload is None for job in waiting), "written shards still hold their rows"
+    blocked = threading.Thread(target=lambda: w.append("train", chunk=9, offset=0, **_args(4)))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive(), "a sixth shard must wait: max_uncommitted=5 are not committed yet"
+    gate.set()
+    blocked.join(30)
+    w.finish()
+    assert cache.open(tmp_path / "c").num_rows("train") == 24
