@@ -60,14 +60,6 @@ def publish(folder: Path, names: list[str]) -> None:
         raise durable.describe_os_error(exc, f"shard {what} in {folder}") from exc
 
 
-def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], backend: str,
-                zarr_compression: str | None) -> tuple[int, str]:
-    """write_tmp, then publish: shard `name` complete and durable under its name. Returns (bytes, xxh3)."""
-    result = write_tmp(folder, name, tensors, backend, zarr_compression)
-    publish(folder, [name])
-    return result
-
-
 def remove_tmp(folder: Path, name: str) -> None:
     """Remove the temporary of shard `name`, if any (a prepared shard that will not be committed)."""
     durable.remove_path(folder / tmp_name(name))

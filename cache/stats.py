@@ -111,12 +111,6 @@ def combine(sums: np.ndarray, sq: np.ndarray, layers: list[list[torch.Tensor]]) 
     return out
 
 
-def shard_sums(x: torch.Tensor) -> ShardSums:
-    """Sums over the rows of x: [n, d] in the stored dtype, on CPU. Raises on NaN or inf."""
-    sums, sq = host_row_sums([[x]], x.shape[0], x.shape[1])
-    return combine(sums.numpy(), sq.numpy(), [[x]])[0]
-
-
 class SplitStats:
     """Running totals of one split for every layer; add shards in order."""
 
