@@ -42,6 +42,8 @@ class Job:
 
 
 class Pipeline:
+    """Worker threads that prepare jobs, a committer thread that commits them in order (module docstring)."""
+
     def __init__(self, *, prepare: Callable[[Job], None], commit: Callable[[list[Job]], None],
                  discard: Callable[[Job], None], next_index: dict[str, int], workers: int,
                  max_inflight: int, max_uncommitted: int) -> None:
