@@ -1,13 +1,11 @@
-"""Benchmarks of the cache format (results: bench/RESULTS.md, "Cache").
+"""Benchmarks of the cache format (results: bench/RESULTS.md, "Cache"). The writer's throughput
+against save_file + fsync is bench/bench_writer.py's.
 
-1. write: CacheWriter (statistics, xxh3, fsync, atomic rename, manifest) vs plain
-   safetensors.torch.save_file of the same per-shard tensors (with and without an fsync).
-Timings are the best of --reps runs (the machine is shared: the best run is the least disturbed).
-
-2. read: contiguous blocks of one layer copied out of a shard that is in the page cache vs the same
+1. read: contiguous blocks of one layer copied out of a shard that is in the page cache vs the same
    bytes copied out of an in-memory tensor, for safetensors (memory map) and zarr.
-3. size: bytes on disk per token vs the raw size, for safetensors and zarr (none / zstd / blosc), on
+2. size: bytes on disk per token vs the raw size, for safetensors and zarr (none / zstd / blosc), on
    real all-MiniLM-L6-v2 activations when that package is installed, else on synthetic ones.
+Timings are the best of --reps runs (the machine is shared: the best run is the least disturbed).
 
     .venv/bin/python bench/bench_cache.py                # ~1 minute, ~0.5 GB under bench/_work/
     .venv/bin/python bench/bench_cache.py --rows 16384   # smaller
@@ -16,7 +14,6 @@ Timings are the best of --reps runs (the machine is shared: the best run is the 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -26,10 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 import cache  # noqa: E402
-from cache.stats import shard_sums  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "cache"
 LAYERS, D, SHARD_ROWS, PIECE = list(range(6)), 384, 8192, 4096
@@ -73,10 +68,8 @@ def tokens(n: int) -> dict[str, torch.Tensor]:
             "position": torch.arange(n) % 128, "document": torch.arange(n) // 512}
 
 
-def write_cache(path: Path, acts: dict[int, torch.Tensor], dtype: str, work_s: float = 0.0, **kw) -> float:
-    """Seconds to write `acts` through CacheWriter in PIECE-row appends, finish included.
-
-    work_s: seconds the simulated producer spends before each append (a GPU forward it waits on)."""
+def write_cache(path: Path, acts: dict[int, torch.Tensor], dtype: str, **kw) -> float:
+    """Seconds to write `acts` through CacheWriter in PIECE-row appends, finish included."""
     shutil.rmtree(path, ignore_errors=True)
     rows = acts[LAYERS[0]].shape[0]
     t0 = time.perf_counter()
@@ -84,61 +77,10 @@ def write_cache(path: Path, acts: dict[int, torch.Tensor], dtype: str, work_s: f
                           identity={"bench": 1}, metadata={}, **kw)
     for a in range(0, rows, PIECE):
         b = min(a + PIECE, rows)
-        time.sleep(work_s)
         w.append("train", chunk=a // PIECE, offset=0, acts={L: t[a:b] for L, t in acts.items()},
                  **{k: v[a:b] for k, v in tokens(rows).items()})
     w.finish()
     return time.perf_counter() - t0
-
-
-def bench_write(acts: dict[int, torch.Tensor], dtype: str, reps: int) -> list[str]:
-    rows = acts[LAYERS[0]].shape[0]
-    nbytes = sum(t.numel() * t.element_size() for t in acts.values())
-    shards = []
-    for a in range(0, rows, SHARD_ROWS):
-        d = {f"layer.{L}": t[a:a + SHARD_ROWS].contiguous() for L, t in acts.items()}
-        d.update({k: v[a:a + SHARD_ROWS].clone() for k, v in tokens(rows).items()})
-        shards.append(d)
-
-    def plain(fsync: bool) -> float:
-        out = WORK / "plain"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        t0 = time.perf_counter()
-        for i, d in enumerate(shards):
-            save_file(d, str(out / f"{i}.safetensors"))
-            if fsync:
-                fd = os.open(out / f"{i}.safetensors", os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-        return time.perf_counter() - t0
-
-    t_plain = min(plain(False) for _ in range(reps))
-    t_plain_sync = min(plain(True) for _ in range(reps))
-    t_ours = min(write_cache(WORK / "w", acts, dtype) for _ in range(reps))
-    t_async = min(write_cache(WORK / "w", acts, dtype, async_write=True) for _ in range(reps))
-    # A producer that needs as long per piece as the writer does: overlap should hide one of the two.
-    work = t_ours / -(-rows // PIECE)
-    t_work_sync = min(write_cache(WORK / "w", acts, dtype, work_s=work) for _ in range(reps))
-    t_work_async = min(write_cache(WORK / "w", acts, dtype, work_s=work, async_write=True) for _ in range(reps))
-    def stats_only() -> float:
-        t0 = time.perf_counter()
-        for t in acts.values():
-            for a in range(0, rows, SHARD_ROWS):
-                shard_sums(t[a:a + SHARD_ROWS])
-        return time.perf_counter() - t0
-
-    t_stats = min(stats_only() for _ in range(reps))
-    gbs = lambda t: nbytes / t / 1e9
-    rows_out = [("save_file (no fsync)", t_plain), ("save_file + fsync", t_plain_sync),
-                ("CacheWriter, sync (stats, xxh3, fsync, rename, manifest)", t_ours),
-                ("CacheWriter, async_write=True", t_async), ("float64 statistics alone", t_stats)]
-    lines = [f"| {name} | {gbs(t):.2f} GB/s | {t_plain / t:.2f} | {t_plain_sync / t:.2f} |" for name, t in rows_out]
-    busy = work * -(-rows // PIECE)
-    lines.append(f"\nproducer busy {work * 1e3:.1f} ms per {PIECE}-row piece ({busy:.2f} s in all): "
-                 f"sync writer total {t_work_sync:.2f} s, async_write total {t_work_async:.2f} s "
-                 f"(async/sync {t_work_async / t_work_sync:.2f}; 0.50 = writing fully hidden)")
-    return lines
 
 
 def _read_rate(c: cache.Cache, layer: int, mem: torch.Tensor, reps: int) -> tuple[float, float]:
@@ -204,11 +146,8 @@ def main() -> None:
         t0 = time.perf_counter()
         acts = synthetic(args.rows, torch.bfloat16)
         gb = sum(t.numel() * t.element_size() for t in acts.values()) / 1e9
-        print(f"## write: {args.rows} rows x {len(LAYERS)} layers x d={D}, bfloat16 ({gb:.3f} GB), "
-              f"shards of {SHARD_ROWS}, appends of {PIECE}\n"
-              "| writer | throughput | vs save_file | vs save_file + fsync |\n|---|---|---|---|")
-        print("\n".join(bench_write(acts, "bfloat16", args.reps)))
-        print(f"\n## read: layer 3, blocks of {PIECE} rows copied into a buffer, page cache warm\n"
+        print(f"## read: {args.rows} rows x {len(LAYERS)} layers x d={D}, bfloat16 ({gb:.3f} GB); layer 3, "
+              f"blocks of {PIECE} rows copied into a buffer, page cache warm\n"
               "| backend | from cache | from memory | ratio |\n|---|---|---|---|")
         print("\n".join(bench_read(acts, "bfloat16", args.reps)))
         real = minilm(min(args.rows, 16384), torch.float32)

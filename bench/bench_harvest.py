@@ -5,14 +5,16 @@ Figures (all measured in the same run, on the same synthetic token batches and d
      full forward of the base model;
   2. harvesting block 0 alone / the full forward (early stop: the ratio of times);
   3. bytes on disk per token / raw activation bytes per token, per backend;
-  plus the pipeline with a writer that drops the rows (the harvest loop's own cost: selection,
-  shuffle, device-to-host copies) and the cache writer alone (no model), to tell which one limits;
+  plus the pipeline with a writer that drops the rows (the harvest loop's own cost: selection and
+  shuffle; the device-to-host copy is the cache writer's) and the cache writer alone (no model), to
+  tell which one limits;
   and a check that cached rows equal, bit for bit, a plain hooked forward over the same batches.
 
 CPU default (about a minute on 2 cores):
     .venv/bin/python bench/bench_harvest.py
-GPU (random-init Qwen3-1.7B shape, bf16, no tokenizer or network needed; the cache package imports
-zarr, so a machine without it needs the zarr wheels on PYTHONPATH):
+GPU (random-init Qwen3-1.7B shape, bf16, no tokenizer or network needed): bench/bench_harvest_gpu.py
+runs the GPU check in one call (harvest vs forward vs the disk, 1 and 15 layers); this script also
+runs there:
     python bench/bench_harvest.py --model qwen3-1.7b-random --device cuda --layers 6:21 --tokens 131072 \
         --window 256 --repeats 1 --backends safetensors --out bench_harvest_h200.json
 """
@@ -131,7 +133,7 @@ class NullWriter:
     def __init__(self) -> None:
         self.rows = 0
 
-    def append(self, split, *, chunk, offset, acts, token_ids, sequence, position, document) -> None:
+    def append(self, split, *, chunk, offset, acts, token_ids, sequence, position, document, copy=True) -> None:
         self.rows += token_ids.shape[0]
 
     def finish(self) -> None:
@@ -166,7 +168,7 @@ def time_harvest(lm: LoadedModel, seqs: list, layers: list[int], args: argparse.
 
 def check_rows(lm: LoadedModel, plans: list, layers: list[int], path: Path, batch_size: int, n: int = 4096) -> dict:
     """Compare the first `n` rows of train shard 0 with the block outputs of a plain hooked forward over the
-    same batches (no selection, scatter, shuffle, pinned copy or writer involved): bit-exact expected."""
+    same batches (no selection, scatter, shuffle, staged copy or writer involved): bit-exact expected."""
     with cache.open(path) as c:
         n = min(n, c.shards("train")[0].rows)
         tok = c.read_tokens("train", 0, 0, n)
@@ -218,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     warm = [q for q in seqs if q.split == "train"][:args.window]
-    time_harvest(lm, warm, layers, args, None, work / "warm")  # kernels, allocator, pinned-memory pool
+    time_harvest(lm, warm, layers, args, None, work / "warm")  # kernels, allocator
     time_forward(lm, plans[:1], None)
 
     reps = range(args.repeats)

@@ -1,8 +1,9 @@
 """safetensors shards: a spec-conformant writer and a zero-copy, memory-mapped reader.
 
 We write the file ourselves (8-byte little-endian header length, JSON header padded with spaces to an
-8-byte boundary, then the tensors back to back) so that every byte passes through `durable.write_all`
-and is hashed on the way out. `safetensors.safe_open` reads these files; the tests check it.
+8-byte boundary, then the tensors back to back) so that every byte is hashed on the way out and goes
+to the disk without a detour through the page cache where the filesystem allows (cache/directio.py).
+`safetensors.safe_open` reads these files; the tests check it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import os
 import struct
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import xxhash
 
-import durable
+from . import directio
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -38,50 +39,54 @@ def _check_little_endian() -> None:
         raise RuntimeError("the cache format is little-endian; this host is big-endian")
 
 
-def _layout(tensors: dict[str, torch.Tensor]) -> list[str]:
+Tensorlike = torch.Tensor | list[torch.Tensor]
+
+
+def _spec(t: Tensorlike) -> tuple[torch.dtype, list[int], int]:
+    """(dtype, shape, bytes) of a tensor, or of the row-wise concatenation of a list of pieces."""
+    if isinstance(t, torch.Tensor):
+        return t.dtype, list(t.shape), t.numel() * t.element_size()
+    first = t[0]
+    shape = [sum(p.shape[0] for p in t), *first.shape[1:]]
+    return first.dtype, shape, sum(p.numel() for p in t) * first.element_size()
+
+
+def _layout(tensors: Mapping[str, Tensorlike]) -> list[str]:
     # Wider items first: every tensor then starts at a multiple of its item size, which torch needs
     # to view the mapped bytes in place (the data section itself starts 8-aligned).
-    names = list(tensors)
-    return sorted(names, key=lambda n: -tensors[n].element_size())
+    return sorted(tensors, key=lambda n: -_spec(tensors[n])[0].itemsize)
 
 
-def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+def encode_header(tensors: Mapping[str, Tensorlike], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
     """The 8-byte length plus padded JSON header, and the order the tensor bytes follow in."""
     order = _layout(tensors)
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        dtype, shape, nbytes = _spec(tensors[name])
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def write_tmp(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+def write_tmp(path: Path, tensors: Mapping[str, Tensorlike], metadata: dict[str, str]) -> tuple[int, str]:
     """Write a new file at `path` (must not exist) and fsync it; return (bytes, xxh3_64 hex).
 
-    tensors: CPU tensors of the dtypes in DTYPE_CODES, any shape; written in C order.
+    tensors: CPU tensors of the dtypes in DTYPE_CODES, any shape, written in C order; a list of
+    tensors (pieces of the same dtype and trailing shape) is written as their concatenation along
+    the first dimension, without concatenating them in memory. The bytes go to the disk directly
+    when the filesystem allows it (cache/directio.py).
     """
     _check_little_endian()
     head, order = encode_header(tensors, metadata)
-    h = xxhash.xxh3_64()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    size = 0
-    try:
-        for item in [head] + [tensors[n] for n in order]:
-            part = memoryview(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data) \
-                if isinstance(item, torch.Tensor) else memoryview(item)
-            h.update(part)
-            durable.write_all(fd, part)
-            size += len(part)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return size, h.hexdigest()
+    parts = [memoryview(head)]
+    for name in order:
+        t = tensors[name]
+        for piece in t if isinstance(t, list) else [t]:
+            parts.append(memoryview(piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data))
+    return directio.write_new_file(path, parts)
 
 
 class ShardFormatError(ValueError):

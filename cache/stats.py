@@ -3,18 +3,26 @@
 Each shard stores its own sums (sum of rows, sum of squared norms, sum of norms). Split totals are
 always the sum of those per-shard sums taken in shard order, so a resumed write, which re-reads the
 sums of the shards already on disk, reaches the same bits as an uninterrupted one.
+
+A shard's sums are computed where its rows are: on the GPU (before the device-to-host copy) when the
+producer hands the writer CUDA tensors, on the CPU otherwise. Either way the values are widened
+exactly to float64, and every sum depends only on the shard's rows and the kind of device, never on
+the number of threads or on how the producer split its appends, so a shard rewritten after a crash
+on the same kind of device gets the same bits. The sums of squared norms and of norms are added up
+from the per-row values by numpy, whose order of addition is fixed.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# Rows converted to float64 at a time: bounds the temporary copy to a few MB per layer.
-_BLOCK_ROWS = 1024
+# float64 elements converted at a time: on CPU a block stays in the core's cache (2 MB); on a GPU the
+# blocks are large so that a shard costs a handful of kernel launches.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -36,36 +44,71 @@ class ShardSums:
     sumnorm: float
 
 
-def _float64(x: torch.Tensor) -> np.ndarray:
-    """x (CPU, stored dtype) widened exactly to float64 in numpy: single-threaded, so the background
-    writer does not fight the producer for torch's intra-op threads."""
-    if x.dtype == torch.bfloat16:
-        bits = x.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64)
-    if x.dtype == torch.float16:
-        return x.view(torch.int16).numpy().view(np.float16).astype(np.float64)
-    return x.numpy().astype(np.float64)
+def _block_rows(d: int, device: torch.device) -> int:
+    budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    return max(1, budget // max(d, 1))
 
 
-def shard_sums(x: torch.Tensor) -> ShardSums:
-    """Sums over the rows of x: [n, d] in the stored dtype, on CPU. Raises on NaN or inf."""
-    n, d = x.shape
-    total = np.zeros(d, dtype=np.float64)
-    sumsq = 0.0
-    sumnorm = 0.0
-    for start in range(0, n, _BLOCK_ROWS):
-        block = _float64(x[start:start + _BLOCK_ROWS])
-        total += block.sum(axis=0)
-        sq = np.einsum("ij,ij->i", block, block)
-        sumsq += float(sq.sum())
-        sumnorm += float(np.sqrt(sq).sum())
-    if not (np.isfinite(total).all() and math.isfinite(sumsq)):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
-            f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them or they "
-            "overflow the stored dtype (float16 max 65504): use dtype bfloat16 or float32"
-        )
-    return ShardSums(total, sumsq, sumnorm)
+def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 column sums [len(layers), d] and per-row squared L2 norms [len(layers), n] of CPU rows.
+
+    layers[i]: the pieces of layer i, row blocks [m_k, d] in order (sum m_k = n), in the stored dtype.
+    The rows are taken in fixed blocks counted from the first row, whatever the pieces, so the result
+    depends on the rows alone. Call it from a thread with one torch intra-op thread (the writer's
+    workers): reductions then never split across threads, and the order of additions is fixed."""
+    step = _block_rows(d, torch.device("cpu"))
+    sums = torch.zeros((len(layers), d), dtype=torch.float64)
+    sq = torch.empty((len(layers), n), dtype=torch.float64)
+    scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float64)
+    for i, pieces in enumerate(layers):
+        k, pos = 0, 0  # current piece and the row within it
+        for a in range(0, n, step):
+            m = min(step, n - a)
+            filled = 0
+            while filled < m:  # gather rows [a, a + m) from the pieces, widening exactly
+                take = min(m - filled, pieces[k].shape[0] - pos)
+                scratch[filled:filled + take].copy_(pieces[k][pos:pos + take])
+                filled, pos = filled + take, pos + take
+                if pos == pieces[k].shape[0]:
+                    k, pos = k + 1, 0
+            block = scratch[:m]
+            sums[i] += block.sum(dim=0)
+            sq[i, a:a + m] = torch.linalg.vecdot(block, block)
+    return sums, sq
+
+
+def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [layers, n, d] stored values on a GPU. Returns there float64 column sums [layers, d] and
+    per-row squared L2 norms [layers, n], queued on the current stream (no host synchronisation).
+    All layers at once in a few large blocks; reductions of fixed shapes on one device are
+    deterministic, which is what resume-exactness needs."""
+    n_layers, n, d = x.shape
+    step = _block_rows(n_layers * d, x.device)
+    sums = torch.zeros((n_layers, d), dtype=torch.float64, device=x.device)
+    sq = torch.empty((n_layers, n), dtype=torch.float64, device=x.device)
+    for a in range(0, n, step):
+        block = x[:, a:a + step].to(torch.float64)
+        sums += block.sum(dim=1)
+        sq[:, a:a + block.shape[1]] = torch.linalg.vecdot(block, block)
+    return sums, sq
+
+
+def combine(sums: np.ndarray, sq: np.ndarray, layers: list[list[torch.Tensor]]) -> list[ShardSums]:
+    """ShardSums per layer from the row sums (host numpy: [layers, d], [layers, n]).
+
+    layers: the same rows on the host (pieces per layer), read only to count bad values for the error.
+    Raises ValueError on NaN or inf."""
+    out = []
+    for i in range(sums.shape[0]):
+        total, sumsq = sums[i], float(np.add.reduce(sq[i]))
+        if not (np.isfinite(total).all() and np.isfinite(sumsq)):
+            bad = sum(int((~torch.isfinite(p)).sum()) for p in layers[i])
+            raise ValueError(
+                f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them or they "
+                "overflow the stored dtype (float16 max 65504): use dtype bfloat16 or float32"
+            )
+        out.append(ShardSums(total.copy(), sumsq, float(np.add.reduce(np.sqrt(sq[i])))))
+    return out
 
 
 class SplitStats:
@@ -74,6 +117,12 @@ class SplitStats:
     def __init__(self, layers: list[int], d_model: int) -> None:
         self.count = 0
         self.sums = {L: ShardSums(np.zeros(d_model, dtype=np.float64), 0.0, 0.0) for L in layers}
+
+    def copy(self) -> SplitStats:
+        new = SplitStats([], 0)
+        new.count = self.count
+        new.sums = {L: ShardSums(s.sum.copy(), s.sumsq, s.sumnorm) for L, s in self.sums.items()}
+        return new
 
     def add(self, rows: int, per_layer: dict[int, ShardSums]) -> None:
         self.count += rows

@@ -1,9 +1,10 @@
-"""CacheWriter: buffers rows, writes shards (optionally from a background thread), keeps the manifest.
+"""CacheWriter: buffers rows into shards, writes several shards at once, commits them in order.
 
-Order of operations per shard: statistics, temp file, fsync, rename, fsync folder, then the
-manifest rewrite that makes the shard part of the cache. A failure at any step leaves the manifest
-describing the shards before it; the writer then refuses further work so that no later shard can be
-committed after a missing one.
+Per shard: statistics (on the GPU when the rows came from one, before the device-to-host copy), the
+write under a temporary name with the checksum computed on the way out, fsync; then, in shard order,
+the rename, one fsync of the folder and one manifest rewrite for every shard that finished together
+(cache/pipeline.py). A failure leaves the manifest describing the shards before the failed one; the
+writer then refuses further work so that no later shard can be committed after a missing one.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import copy
 import operator
 import os
-import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from durable import describe_os_error
 
 from . import folder as folder_mod
 from . import manifest, shardio
-from .buffer import ShardAssembler
+from .buffer import Buffers, Event, ShardAssembler
 from .names import (
     BACKENDS,
     SPLITS,
@@ -35,18 +34,36 @@ from .names import (
     shard_name,
     stat_keys,
 )
-from .stats import shard_sums
+from .pipeline import Job, Pipeline
+from .staging import DeviceStager
+from .stats import ShardSums, combine, host_row_sums
 
-_QUEUE_DEPTH = 2
+# Defaults of `max_inflight`: up to 16 shards while they hold less than GROUP_BYTES, never more than
+# INFLIGHT_BYTES of activations (host memory), and at least 2. Of `max_uncommitted`: up to 64 shards
+# while they hold less than UNCOMMITTED_BYTES, and at least max_inflight.
+GROUP_BYTES = 512 << 20
+INFLIGHT_BYTES = 4 << 30
+UNCOMMITTED_BYTES = 2 << 30
 
 
 @dataclass
-class _Job:
-    split: str
-    index: int
-    tensors: dict[str, torch.Tensor]
-    end: tuple[int, int]
-    buffers: dict[str, torch.Tensor]
+class _Shard:
+    """A shard on its way to disk: host activations (the pieces of each layer; pinned when staged from a
+    GPU, then readable once `event` completed), host token fields [rows], and the float64 row sums when
+    the GPU computed them."""
+
+    acts: list[list[torch.Tensor]]
+    tokens: dict[str, torch.Tensor]
+    sums: torch.Tensor | None = None  # [layers, d] float64
+    sq: torch.Tensor | None = None  # [layers, rows] float64
+    event: Event | None = None
+
+
+@dataclass
+class _Written:
+    nbytes: int
+    digest: str
+    sums: dict[int, ShardSums]
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -59,18 +76,58 @@ def _check_int(name: str, value: Any) -> int:
     return index
 
 
+def default_workers() -> int:
+    """Writer threads: enough to keep a disk busy while others hash and compute statistics; half the
+    cores this process may use, shared with the other processes of a torchrun job on this node
+    (LOCAL_WORLD_SIZE), between 3 and 4: a worker waiting for fsync leaves its core to another."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return min(4, max(3, cpus // 2 // local))
+
+
 class CacheWriter:
     """Writes a cache folder. FORMAT.md section 6 states the new / resume / overwrite / refuse rules.
 
-    async_write=True writes shards from a background thread behind a queue of depth 2, so the
-    producer waits for the disk only when two shards are already pending; an error in that thread
-    is raised by the producer's next append / flush / finish.
+    async_write=True prepares shards on `workers` background threads (default: 3 or 4, by core count),
+    with at most `max_inflight` shards filled and not yet written (their buffers; default: workers + 1,
+    up to 16 small shards while they hold less than 512 MiB, at most 4 GiB and at least 2 shards) and
+    at most `max_uncommitted` filled and not yet listed in the manifest (what a crash can lose; default:
+    up to 64 shards while they hold less than 2 GiB, at least max_inflight); the producer waits only
+    when either is reached. An error in the background is raised by the producer's next append / flush
+    / finish.
+    async_write=False writes one shard at a time and returns from the append that filled it only once
+    it is committed.
+
+    Rows appended as CUDA tensors are assembled on that GPU, their statistics computed there, and copied
+    to reused pinned host buffers on a side stream (cache/staging.py): append never waits for the GPU.
+    Memory: host, (max_inflight + 2) shards of activations; GPU, up to 4 shards.
     """
 
     def __init__(self, path: str | Path, *, layers: list[int], d_model: int, dtype: str, shard_rows: int,
                  identity: dict, metadata: dict, backend: str = "safetensors", overwrite: bool = False,
-                 zarr_compression: str | None = None, async_write: bool = False) -> None:
+                 zarr_compression: str | None = None, async_write: bool = False, workers: int | None = None,
+                 max_inflight: int | None = None, max_uncommitted: int | None = None) -> None:
         self._check_args(layers, d_model, dtype, shard_rows, backend, zarr_compression, identity, metadata)
+        workers = default_workers() if workers is None else _check_int("workers", workers)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        shard_bytes = len(layers) * shard_rows * d_model * STORED_DTYPES[dtype].itemsize
+        if max_inflight is None:
+            # Small shards: more of them, so that many share a manifest rewrite; large ones: a memory cap.
+            wanted = max(workers + 1, min(16, GROUP_BYTES // shard_bytes))
+            max_inflight = max(2, min(wanted, INFLIGHT_BYTES // shard_bytes))
+        elif _check_int("max_inflight", max_inflight) < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if max_uncommitted is None:
+            max_uncommitted = max(max_inflight, min(64, UNCOMMITTED_BYTES // shard_bytes))
+        elif _check_int("max_uncommitted", max_uncommitted) < max_inflight:
+            raise ValueError(f"max_uncommitted must be >= max_inflight ({max_inflight}), got {max_uncommitted}")
         self.path = Path(path)
         self.layers = [int(x) for x in layers]
         self.d_model, self.dtype, self.backend = d_model, dtype, backend
@@ -82,24 +139,24 @@ class CacheWriter:
             d_model=d_model, dtype=dtype, backend=backend, shard_rows=shard_rows,
             zarr_compression=zarr_compression)
         self._manifest, self._totals = folder_mod.open_for_writing(self.path, requested, overwrite)
+        self._text = manifest.ManifestText()
         self._lock = threading.Lock()
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
-            layer_key(L): (self._stored, (d_model,)) for L in self.layers}
-        specs.update({name: (dt, ()) for name, dt in TOKEN_FIELDS.items()})
-        self._asm = {s: ShardAssembler(shard_rows, specs) for s in SPLITS}
+        self._buffers = Buffers(shard_rows, len(self.layers), d_model, self._stored, TOKEN_FIELDS,
+                                keep=max_inflight + 2)
+        self._asm = {s: ShardAssembler(self._buffers) for s in SPLITS}
         self._next_index = {s: len(self._manifest["shards"][s]) for s in SPLITS}
+        self._seq = 0
         self._cursor = {s: self.resume_point(s) for s in SPLITS}
         self._appended = {s: self._manifest["rows"][s] for s in SPLITS}
-        self._error: BaseException | None = None
-        workers = max(1, min(len(self.layers), (os.cpu_count() or 1) // 2))
-        self._stats_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cache-stats")
+        self._stagers: dict[torch.device, DeviceStager] = {}
         self._closed = False
-        self._queue: queue.Queue[_Job | None] | None = None
-        self._thread: threading.Thread | None = None
-        if async_write:
-            self._queue = queue.Queue(maxsize=_QUEUE_DEPTH)
-            self._thread = threading.Thread(target=self._worker, name="cache-writer", daemon=True)
-            self._thread.start()
+        self._async = async_write
+        # Synchronous writing is the same pipeline with one shard at a time, waited for: statistics are
+        # then always computed on a worker thread with one torch thread (see stats.host_row_sums).
+        self._pipeline = Pipeline(prepare=self._prepare, commit=self._commit, discard=self._discard,
+                                  next_index=self._next_index, workers=workers if async_write else 1,
+                                  max_inflight=max_inflight if async_write else 1,
+                                  max_uncommitted=max_uncommitted if async_write else 1)
 
     @staticmethod
     def _check_args(layers: list[int], d_model: int, dtype: str, shard_rows: int, backend: str,
@@ -144,29 +201,28 @@ class CacheWriter:
 
     # ---- appending ----------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._pipeline.error is not None:
+            raise self._pipeline.error
         if self._closed:
             raise RuntimeError(f"CacheWriter for {self.path} is closed")
 
-    def _validate(self, acts: dict[int, torch.Tensor], tokens: dict[str, torch.Tensor]) -> dict:
-        """The appended tensors by stored name, checked; not yet copied."""
-        merged: dict[Any, Any] = {**acts, **tokens} if isinstance(acts, dict) else {}
-        bad = [k for k, v in merged.items() if not isinstance(v, torch.Tensor)] \
-            if isinstance(acts, dict) else []
+    def _validate(self, acts: dict[int, torch.Tensor], tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The appended activations in layer order, checked (not yet copied); the token fields are checked."""
+        merged: dict[int | str, Any] = {**dict(acts.items()), **dict(tokens.items())} if isinstance(acts, dict) else {}
+        bad = [k for k, v in merged.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise ValueError(f"append() needs torch tensors; not a tensor: {bad}")
         if not isinstance(acts, dict) or set(acts) != set(self.layers):
             got = sorted(acts) if isinstance(acts, dict) else type(acts).__name__
             raise ValueError(f"acts must map exactly the cache's layers {self.layers} to tensors, got {got}")
         n = acts[self.layers[0]].shape[0] if acts[self.layers[0]].ndim else -1
-        out = {}
+        out = []
         for layer in self.layers:
             a = acts[layer]
             if a.shape != (n, self.d_model) or not a.is_floating_point():
                 raise ValueError(f"acts[{layer}] must be a float tensor [n, {self.d_model}] with the same n "
                                  f"for every layer, got {a.dtype} {tuple(a.shape)}")
-            out[layer_key(layer)] = a.detach()
+            out.append(a.detach())
         for name, dtype in TOKEN_FIELDS.items():
             t = tokens[name]
             if t.shape != (n,) or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
@@ -174,17 +230,20 @@ class CacheWriter:
             info = torch.iinfo(dtype)
             if n and (int(t.min()) < 0 or int(t.max()) > info.max):
                 raise ValueError(f"{name} values must lie in [0, {info.max}] to be stored as {dtype}")
-            out[name] = t.detach()
         return out
 
     def append(self, split: str, *, chunk: int, offset: int, acts: dict[int, torch.Tensor],
                token_ids: torch.Tensor, sequence: torch.Tensor, position: torch.Tensor,
-               document: torch.Tensor) -> None:
+               document: torch.Tensor, copy: bool = True) -> None:
         """Add rows [offset, offset+n) of producer chunk `chunk` to `split`.
 
-        acts[L]: [n, d_model], any float dtype and device (cast to the stored dtype, copied to CPU).
-        token_ids, sequence, position, document: integer [n]. Writes a shard each time shard_rows
-        rows are buffered; its `end` cursor is (chunk, offset) of the row after its last row.
+        acts[L]: [n, d_model], any float dtype and device (cast to the stored dtype; CUDA rows are
+        assembled on their GPU). token_ids, sequence, position, document: integer [n]. With copy=True
+        the tensors are copied before append returns (on CUDA: the copy is queued on the current
+        stream), so the caller may reuse them. copy=False hands the activations over: host tensors
+        already in the stored dtype are then written from where they are, with no copy, and the caller
+        must not change them afterwards. Emits a shard each time shard_rows rows are buffered; its `end`
+        cursor is (chunk, offset) of the row after its last row.
         """
         self._raise_if_failed()
         self._split(split)
@@ -192,112 +251,141 @@ class CacheWriter:
         if (chunk, offset) < self._cursor[split]:
             raise ValueError(f"append({split!r}, chunk={chunk}, offset={offset}) starts before the end of the "
                              f"rows already appended (chunk, offset) = {self._cursor[split]}; rows would repeat")
-        src = self._validate(acts, {"token_ids": token_ids, "sequence": sequence, "position": position,
-                                    "document": document})
+        tokens = {"token_ids": token_ids, "sequence": sequence, "position": position, "document": document}
+        layer_rows = self._validate(acts, tokens)
         n = token_ids.shape[0]
         self._cursor[split] = (chunk, offset + n)
         self._appended[split] += n
         asm, start = self._asm[split], 0
         while start < n:
-            start += asm.add(chunk, offset, src, start)
+            start += asm.add(chunk, offset, layer_rows, tokens, start, copy=copy)
             if asm.full():
                 self._emit(split)
 
     def _emit(self, split: str) -> None:
-        tensors, end, buffers = self._asm[split].pop()
-        job = _Job(split, self._next_index[split], tensors, end, buffers)
+        pending = self._asm[split].pop()
+        rows, tokens = pending.rows, pending.tokens
+        index = self._next_index[split]
+        name = shard_name(split, index, self.backend)
         self._next_index[split] += 1
-        if self._queue is None:
-            self._run(job)
-            self._raise_if_failed()
+        token_views = {k: v[:rows] for k, v in tokens.items()}
+        if pending.device is not None:
+            block = pending.device
+            stager = self._stager(block.device)
+            staged = stager.stage(block, rows, self._buffers.acts(block.device))
+            host = staged.host
+            shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
+                           host.sq[:, :rows], staged.event)
+
+            def release() -> None:
+                stager.give(host, staged.event)  # waits for the copy: never recycle a buffer it still writes
+                self._buffers.tokens.give(tokens)
         else:
-            assert self._queue is not None  # async_write
-            self._queue.put(job)
+            shard = _Shard(pending.host, token_views)
+            host_block, pool = pending.block, self._buffers.acts(torch.device("cpu"))
 
-    # ---- committing ---------------------------------------------------------------------------
-    def _worker(self) -> None:
-        assert self._queue is not None  # the thread exists only with async_write
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:
-                    self._run(job)
-            finally:
-                self._queue.task_done()
+            def release() -> None:
+                if host_block is not None:
+                    pool.give(host_block)
+                self._buffers.tokens.give(tokens)
 
-    def _run(self, job: _Job) -> None:
+        self._seq += 1
+        self._pipeline.submit(Job(self._seq, split, index, name, rows, pending.end, shard, release))
+        if not self._async:
+            self._pipeline.drain()
+
+    def _stager(self, device: torch.device) -> DeviceStager:
+        if device not in self._stagers:
+            self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep)
+        return self._stagers[device]
+
+    # ---- preparing and committing (on the pipeline's threads) ------------------------------------
+    def _prepare(self, job: Job) -> None:
+        shard = job.payload
+        assert isinstance(shard, _Shard)
+        if shard.event is not None:
+            shard.event.synchronize()
+        if shard.sums is None:
+            sums, sq = host_row_sums(shard.acts, job.rows, self.d_model)
+        else:
+            assert shard.sq is not None  # computed with the sums
+            sums, sq = shard.sums, shard.sq
         try:
-            self._commit(job)
-            self._asm[job.split].release(job.buffers)
-        except BaseException as exc:  # surfaced to the producer on its next call
-            self._error = exc
-
-    def _commit(self, job: _Job) -> None:
-        name = shard_name(job.split, job.index, self.backend)
-        rows = job.tensors["token_ids"].shape[0]
-        try:
-            # Layers are independent and numpy releases the GIL: spread them over spare cores.
-            sums = dict(zip(self.layers, self._stats_pool.map(shard_sums, [job.tensors[layer_key(L)]
-                                                                           for L in self.layers]), strict=True))
+            per_layer = dict(zip(self.layers, combine(sums.numpy(), sq.numpy(), shard.acts), strict=True))
         except ValueError as exc:
-            raise ValueError(f"shard {name}: {exc}") from None
-        tensors = dict(job.tensors)
-        for layer, s in sums.items():
+            raise ValueError(f"shard {job.name}: {exc}") from None
+        tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
+            layer_key(L): shard.acts[i] for i, L in enumerate(self.layers)}
+        tensors.update(shard.tokens)
+        for layer, s in per_layer.items():
             k_sum, k_sq, k_norm = stat_keys(layer)
             tensors[k_sum] = torch.from_numpy(s.sum)
             tensors[k_sq] = torch.tensor(s.sumsq, dtype=torch.float64)
             tensors[k_norm] = torch.tensor(s.sumnorm, dtype=torch.float64)
-        nbytes, digest = shardio.write_shard(self.path, name, tensors, self.backend, self.zarr_compression)
+        nbytes, digest = shardio.write_tmp(self.path, job.name, tensors, self.backend, self.zarr_compression)
+        job.result = _Written(nbytes, digest, per_layer)
+
+    def _commit(self, jobs: list[Job]) -> None:
+        """Publish `jobs` (each split's in index order, following its last committed shard) and rewrite
+        the manifest once; the in-memory manifest changes only if the rewrite succeeded."""
+        shardio.publish(self.path, [job.name for job in jobs])
         with self._lock:
             m = self._manifest
-            m["shards"][job.split].append({"name": name, "rows": rows, "bytes": nbytes, "xxh3": digest,
-                                           "end": list(job.end)})
-            m["rows"][job.split] += rows
-            self._totals[job.split].add(rows, sums)
-            m["stats"][job.split] = self._totals[job.split].to_manifest()
-            self._save(f"the manifest after shard {name}")
+            new = {**m, "shards": {s: list(v) for s, v in m["shards"].items()}, "rows": dict(m["rows"]),
+                   "stats": dict(m["stats"])}
+            totals = dict(self._totals)
+            for job in jobs:
+                w = job.result
+                assert isinstance(w, _Written)
+                new["shards"][job.split].append({"name": job.name, "rows": job.rows, "bytes": w.nbytes,
+                                                 "xxh3": w.digest, "end": list(job.end)})
+                new["rows"][job.split] += job.rows
+                if totals[job.split] is self._totals[job.split]:
+                    totals[job.split] = totals[job.split].copy()
+                totals[job.split].add(job.rows, w.sums)
+            for split in {job.split for job in jobs}:
+                new["stats"][split] = totals[split].to_manifest()
+            self._save(new, f"the manifest after shard {jobs[-1].name}")
+            self._manifest, self._totals = new, totals
 
-    def _save(self, what: str) -> None:
+    def _discard(self, job: Job) -> None:
+        shardio.remove_tmp(self.path, job.name)
+
+    def _save(self, m: dict, what: str) -> None:
         try:
-            manifest.save(self.path, self._manifest)
+            manifest.save(self.path, m, self._text)
         except OSError as exc:
             raise describe_os_error(exc, f"{what} in {self.path}") from exc
 
-    def _drain(self) -> None:
-        if self._queue is not None:
-            self._queue.join()
-
     # ---- ending -------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write every buffered row as a (possibly short) shard and wait until it is committed."""
+        """Write every buffered row as a (possibly short) shard and wait until all are committed."""
         self._raise_if_failed()
         for split in SPLITS:
             if self._asm[split].rows:
                 self._emit(split)
-        self._drain()
-        self._raise_if_failed()
+        self._pipeline.drain()
 
     def finish(self, extra_metadata: dict | None = None) -> None:
         """flush(), merge extra_metadata into metadata, mark the cache complete, release the writer."""
         self.flush()
         with self._lock:
+            new = dict(self._manifest)
             if extra_metadata:
-                self._manifest["metadata"].update(folder_mod.json_roundtrip(extra_metadata, "extra_metadata"))
-            self._manifest["complete"] = True
-            self._save("the final manifest")
+                new["metadata"] = {**new["metadata"],
+                                   **folder_mod.json_roundtrip(extra_metadata, "extra_metadata")}
+            new["complete"] = True
+            self._save(new, "the final manifest")
+            self._manifest = new
         self.close()
 
     def close(self) -> None:
-        """Stop without writing buffered rows (error paths). Shards already queued are still committed."""
+        """Stop without writing buffered rows (error paths). Shards already emitted are still committed
+        (or, after an error, dropped with their temporaries)."""
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None and self._queue is not None:
-            self._queue.put(None)
-            self._thread.join()
-        self._stats_pool.shutdown()
+        self._pipeline.close()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -310,4 +398,3 @@ class CacheWriter:
         """A snapshot of the manifest as last committed (a deep copy; safe to read)."""
         with self._lock:
             return copy.deepcopy(self._manifest)
-

@@ -6,6 +6,7 @@ the array attribute {"saecache_dtype": "bfloat16"}; the reader views them back a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,14 @@ def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, dict]:
     return t.numpy(), {}
 
 
-def write_tmp(path: Path, tensors: dict[str, torch.Tensor], compression: str | None) -> tuple[int, str]:
-    """Write a new group folder at `path` (must not exist), fsync it; return (bytes, xxh3 hex)."""
+def write_tmp(path: Path, tensors: Mapping[str, torch.Tensor | list[torch.Tensor]],
+              compression: str | None) -> tuple[int, str]:
+    """Write a new group folder at `path` (must not exist), fsync it; return (bytes, xxh3 hex).
+
+    A list of tensors is stored as their concatenation along the first dimension."""
     group = zarr.open_group(store=LocalStore(path), mode="w-", zarr_format=3)
     for name, t in tensors.items():
-        data, attrs = _to_numpy(t)
+        data, attrs = _to_numpy(torch.cat(t) if isinstance(t, list) else t)
         chunks = (min(max(data.shape[0], 1), CHUNK_ROWS),) + data.shape[1:] if data.ndim else ()
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                                  compressors=_compressors(compression, data.itemsize), attributes=attrs)

@@ -98,3 +98,25 @@ def test_missing_or_resized_shard_is_refused_on_open(tmp_path, backend):
     shutil.rmtree(tmp_path / "c" / first.name) if backend == "zarr" else (tmp_path / "c" / first.name).unlink()
     with pytest.raises(ValueError, match=f"shard {first.name} is missing"):
         cache.open(tmp_path / "c")
+
+
+def test_incremental_manifest_text_is_the_compact_json_of_each_manifest():
+    import copy
+
+    from cache.manifest import ManifestText, new
+
+    m = new(identity={"model": "x", "ünï": [1, 2.5]}, metadata={"note": None}, layers=[0, 3], d_model=2,
+            dtype="float32", backend="safetensors", shard_rows=4, zarr_compression=None)
+    text = ManifestText()
+    history = []
+    for i in range(5):
+        split = "heldout" if i == 3 else "train"
+        entry = {"name": f"{split}-{i:06d}.safetensors", "rows": 4, "bytes": 100 + i, "xxh3": "0" * 16, "end": [i, 1]}
+        m = {**m, "shards": {s: list(v) for s, v in m["shards"].items()}, "stats": dict(m["stats"])}
+        m["shards"][split].append(entry)
+        m["stats"][split] = {"0": {"count": i, "mean": [0.1 * i, 1 / 3], "mean_sq_norm": 2.0, "mean_norm": 1e-300}}
+        history.append(copy.deepcopy(m))
+        assert text.encode(m) == json.dumps(m, separators=(",", ":")).encode()
+    # An older manifest (a failed rewrite is retried from the last committed one) is encoded right too.
+    assert text.encode(history[1]) == json.dumps(history[1], separators=(",", ":")).encode()
+    assert json.loads(text.encode(m)) == m

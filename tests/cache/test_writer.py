@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -168,7 +169,10 @@ def test_constructor_rejects_bad_arguments(tmp_path):
                             (dict(backend="hdf5"), "backend must be one of"),
                             (dict(shard_rows=0), "shard_rows must"),
                             (dict(identity={"x": object()}), "identity must be JSON-serialisable"),
-                            (dict(zarr_compression="lz4", backend="zarr"), "zarr_compression must be")]:
+                            (dict(zarr_compression="lz4", backend="zarr"), "zarr_compression must be"),
+                            (dict(workers=0), "workers must be >= 1"), (dict(max_inflight=0), "max_inflight must"),
+                            (dict(workers=1.5), "workers must be an int"),
+                            (dict(max_inflight=3, max_uncommitted=2), "max_uncommitted must be >= max_inflight")]:
         with pytest.raises(ValueError, match=message):
             cache.CacheWriter(tmp_path / "c", **{**base, **change})
 
@@ -194,31 +198,42 @@ def test_async_writer_matches_sync_writer(tmp_path, backend):
     assert a["shards"] == b["shards"] and a["stats"] == b["stats"]
 
 
-def test_async_writer_writes_in_a_background_thread_with_bounded_queue(tmp_path, monkeypatch):
+def test_async_writer_prepares_on_worker_threads_with_a_bounded_number_in_flight(tmp_path, monkeypatch):
     from cache import shardio
 
     gate = threading.Event()
     threads = []
-    real = shardio.write_shard
+    real = shardio.write_tmp
 
     def slow(*a, **kw):
         threads.append(threading.current_thread().name)
         gate.wait(10)
         return real(*a, **kw)
 
-    monkeypatch.setattr(shardio, "write_shard", slow)
-    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True)
-    w.append("train", chunk=0, offset=0, **_args(12))  # 3 shards: 1 writing + 2 queued, no wait yet
+    monkeypatch.setattr(shardio, "write_tmp", slow)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2, max_inflight=3)
+    w.append("train", chunk=0, offset=0, **_args(12))  # 3 shards: 2 being written, 1 queued; no wait yet
     assert w.rows_written("train") == 0
     blocked = threading.Thread(target=lambda: w.append("train", chunk=1, offset=0, **_args(4)))
     blocked.start()
     blocked.join(0.3)
-    assert blocked.is_alive(), "the queue should be bounded (depth 2): the 4th shard must wait"
+    assert blocked.is_alive(), "at most max_inflight=3 shards may be pending: the 4th must wait"
     gate.set()
     blocked.join(10)
+    assert not blocked.is_alive()
     w.finish()
-    assert set(threads) == {"cache-writer"}
+    assert set(threads) == {"cache-writer-0", "cache-writer-1"}
     assert cache.open(tmp_path / "c").num_rows("train") == 16
+
+
+def test_async_writer_keeps_a_bounded_number_of_shard_buffers(tmp_path):
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=8, async_write=True, workers=2, max_inflight=2)
+    produce(w, "train", 12)  # ~35 shards of 8 rows
+    produce(w, "heldout", 4)
+    w.finish()
+    made = w._buffers.acts(torch.device("cpu"))._made
+    assert 1 <= made <= 2 + 2, made  # in flight, plus one filling per split
+    assert cache.open(tmp_path / "c").num_rows("train") == all_rows("train", 12)[0][0].shape[0]
 
 
 def test_async_writer_error_surfaces_on_next_call_and_stops_later_shards(tmp_path, backend):
@@ -238,3 +253,99 @@ def test_async_writer_error_surfaces_on_next_call_and_stops_later_shards(tmp_pat
     c = cache.open(tmp_path / "c", allow_incomplete=True)
     assert [s.name.split(".")[0] for s in c.shards("train")] == ["train-000000"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", c.shards("train")[0].name]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shards_and_statistics_do_not_depend_on_how_rows_were_appended(tmp_path, backend, dtype):
+    """The same rows appended whole, or in uneven pieces handed over without a copy (copy=False), or copied
+    piece by piece: the same shard bytes and the same float64 statistics, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    n = 3 * SHARD_ROWS + 17
+    acts = {L: (torch.randn(n, 12, generator=g) * (L + 1)).to(getattr(torch, dtype)) for L in LAYERS}
+    tok = torch.arange(n)
+    cuts = [0, 5, 6, 47, 48, 90, 131, n]  # pieces of 1 to 47 rows, crossing shard boundaries
+
+    def write(folder, pieces, copy):
+        w = new_writer(folder, backend, dtype=dtype, async_write=True, workers=2)
+        for a, b in pieces:
+            w.append("train", chunk=0, offset=a, acts={L: t[a:b] for L, t in acts.items()}, token_ids=tok[a:b],
+                     sequence=tok[a:b], position=tok[a:b], document=tok[a:b], copy=copy)
+        w.finish()
+        return cache.open(folder).manifest
+
+    whole = write(tmp_path / "whole", [(0, n)], True)
+    pieces = list(zip(cuts, cuts[1:], strict=False))
+    for name, copy in (("pieces-handed-over", False), ("pieces-copied", True)):
+        got = write(tmp_path / name, pieces, copy)
+        assert got["shards"] == whole["shards"], name
+        assert got["stats"] == whole["stats"], name
+    assert torch.equal(cache.open(tmp_path / "whole").read("train", 1, 5), acts[5][SHARD_ROWS:2 * SHARD_ROWS])
+
+
+def test_an_error_while_giving_buffers_back_is_raised_not_a_hang(tmp_path, monkeypatch):
+    from cache import buffer
+
+    def broken(self, item, event=None):
+        raise RuntimeError("pool broken")
+
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2)
+    monkeypatch.setattr(buffer.Pool, "give", broken)
+    outcome = []
+
+    def run():
+        try:
+            w.append("train", chunk=0, offset=0, **_args(12))
+            w.flush()
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+        finally:
+            w.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the writer hung after a failure in a worker thread"
+    assert outcome == ["pool broken"]
+
+
+def test_written_shards_wait_for_their_commit_without_holding_rows(tmp_path, monkeypatch):
+    """While the manifest rewrite is held, shards keep being written up to max_uncommitted, and those
+    written let go of their rows: memory is bounded by max_inflight, what a crash loses by max_uncommitted."""
+    from cache import manifest as manifest_mod
+    from cache import shardio
+
+    gate, held, real_save, real_write = threading.Event(), threading.Event(), manifest_mod.save, shardio.write_tmp
+    calls = []
+
+    def slow_save(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:  # the first rewrite opens the cache; hold the commits after it
+            held.set()
+            gate.wait(30)
+        return real_save(*a, **kw)
+
+    def write_tmp(folder, name, *a, **kw):
+        if not name.startswith("train-000000"):
+            held.wait(30)  # shard 0 is committed alone, and its commit is held before the others are written
+        return real_write(folder, name, *a, **kw)
+
+    monkeypatch.setattr(manifest_mod, "save", slow_save)
+    monkeypatch.setattr(shardio, "write_tmp", write_tmp)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2, max_inflight=2,
+                   max_uncommitted=5)
+    for i in range(5):  # five shards, handed over without a copy
+        w.append("train", chunk=i, offset=0, copy=False, **_args(4))
+    deadline = time.monotonic() + 30
+    while len(list((tmp_path / "c").glob(".tmp-train-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # shard 0 sits in the held commit, renamed; shards 1-4 wait under temporary names
+    waiting = [job for ready in w._pipeline._ready.values() for job in ready.values()]
+    assert sorted(job.index for job in waiting) == [1, 2, 3, 4]
+    assert all(job.payload is None for job in waiting), "written shards still hold their rows"
+    blocked = threading.Thread(target=lambda: w.append("train", chunk=9, offset=0, **_args(4)))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive(), "a sixth shard must wait: max_uncommitted=5 are not committed yet"
+    gate.set()
+    blocked.join(30)
+    w.finish()
+    assert cache.open(tmp_path / "c").num_rows("train") == 24

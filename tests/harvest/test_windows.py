@@ -94,7 +94,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls = []
 
-    def append(self, split, *, chunk, offset, acts, token_ids, sequence, position, document):
+    def append(self, split, *, chunk, offset, acts, token_ids, sequence, position, document, copy=True):
         self.calls.append((split, chunk, offset, {k: v.clone() for k, v in acts.items()}, token_ids.clone()))
 
 

@@ -1,0 +1,188 @@
+"""Several shards in flight, committed in order.
+
+Worker threads take emitted shards one each and *prepare* them (statistics, checksum, the write under
+a temporary name, fsync): their work overlaps that of the other workers and the producer's. A
+committer thread *commits* (renames, one fsync of the folder, one manifest rewrite) the longest run of
+prepared shards that follow the last committed shard of their split, all together: shards that finish
+together share one manifest rewrite, and the manifest never lists a shard before its predecessors.
+
+At most `max_inflight` shards are emitted and not yet written (they hold the buffers: this bounds
+memory), and at most `max_uncommitted` are emitted and not yet committed (what a crash can lose);
+`submit` waits while either is reached. Written shards hold no buffers, so commits may lag behind the
+writes and then take many shards at once when fsyncs are slow.
+
+After a failure (shard k), shards emitted before k are still committed as they finish; k and
+everything emitted after it is dropped (temporaries removed), and the error is raised by the
+producer's next call, exactly as if the shards had been written one by one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Job:
+    seq: int  # emission order over both splits
+    split: str
+    index: int
+    name: str
+    rows: int
+    end: tuple[int, int]
+    payload: object  # what `prepare` needs (the writer's)
+    release: Callable[[], None]  # gives the shard's buffers back; called once, after prepare or instead of it
+    result: object = None  # what `prepare` found, for `commit`
+    failed: bool = field(default=False)
+
+
+class Pipeline:
+    """Worker threads that prepare jobs, a committer thread that commits them in order (module docstring)."""
+
+    def __init__(self, *, prepare: Callable[[Job], None], commit: Callable[[list[Job]], None],
+                 discard: Callable[[Job], None], next_index: dict[str, int], workers: int,
+                 max_inflight: int, max_uncommitted: int) -> None:
+        self._prepare, self._commit, self._discard = prepare, commit, discard
+        self._max_unwritten, self._max_unfinished = max_inflight, max(max_inflight, max_uncommitted)
+        self._unwritten = 0
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._ready: dict[str, dict[int, Job]] = {s: {} for s in next_index}
+        self._next = dict(next_index)
+        self._unfinished = 0
+        self._error: BaseException | None = None
+        self._error_seq = math.inf
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._start(max(1, workers))
+
+    def _start(self, workers: int) -> None:
+        # Workers compute CPU statistics with torch: one intra-op thread each, so that they do not
+        # fight the producer's threads. torch keeps the count per OS thread but also remembers the last
+        # value set as the default for new threads, so the caller's count is set again afterwards.
+        saved = torch.get_num_threads()
+        started = threading.Barrier(workers + 1)
+
+        def work() -> None:
+            torch.set_num_threads(1)
+            started.wait()
+            self._work()
+
+        for i in range(workers):
+            self._threads.append(threading.Thread(target=work, name=f"cache-writer-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._commit_loop, name="cache-commit", daemon=True))
+        for t in self._threads:
+            t.start()
+        started.wait()
+        torch.set_num_threads(saved)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def _fail(self, seq: int, exc: BaseException) -> None:
+        with self._cond:
+            if seq < self._error_seq:
+                self._error, self._error_seq = exc, seq
+            self._cond.notify_all()
+
+    # ---- producer side ------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue `job`, waiting while max_inflight shards are unwritten or max_uncommitted uncommitted.
+        Raises the first error."""
+        with self._cond:
+            while (self._unwritten >= self._max_unwritten or self._unfinished >= self._max_unfinished) \
+                    and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                job.release()
+                raise self._error
+            self._unwritten += 1
+            self._unfinished += 1
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every submitted shard is committed or dropped; raise the first error."""
+        with self._cond:
+            while self._unfinished:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Let queued shards finish (committed, or dropped after an error), then stop the threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    # ---- threads ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                skip = job.seq > self._error_seq
+            try:
+                if skip:
+                    job.failed = True
+                else:
+                    self._prepare(job)
+            except BaseException as exc:  # surfaced to the producer on its next call
+                job.failed = True
+                self._fail(job.seq, exc)
+            try:
+                job.release()
+            except BaseException as exc:  # a thread that dies here would leave the producer waiting forever
+                job.failed = True
+                self._fail(job.seq, exc)
+            job.payload = None  # a written shard holds no rows: memory is bounded by the unwritten ones
+            with self._cond:
+                self._unwritten -= 1
+                self._ready[job.split][job.index] = job
+                self._cond.notify_all()
+
+    def _collect(self) -> tuple[list[Job], list[Job]]:
+        """(prepared shards that can be committed now, shards to drop); caller holds the lock."""
+        group, dropped = [], []
+        for split, ready in self._ready.items():
+            for index in [i for i, job in ready.items() if job.failed or job.seq > self._error_seq]:
+                dropped.append(ready.pop(index))
+            while self._next[split] in ready:
+                group.append(ready.pop(self._next[split]))
+                self._next[split] += 1
+        return group, dropped
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._cond:
+                group, dropped = self._collect()
+                while not group and not dropped:
+                    if self._stopping and not self._unfinished:
+                        return
+                    self._cond.wait()
+                    group, dropped = self._collect()
+            for job in dropped:
+                try:
+                    self._discard(job)
+                except BaseException as exc:
+                    self._fail(job.seq, exc)
+            if group:
+                try:
+                    self._commit(group)
+                except BaseException as exc:
+                    self._fail(min(job.seq for job in group), exc)
+            with self._cond:
+                self._unfinished -= len(group) + len(dropped)
+                self._cond.notify_all()
