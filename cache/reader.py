@@ -49,9 +49,10 @@ class ShardInfo:
 class Cache:
     """A validated, read-only cache folder. Use open_cache() to get one."""
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: dict, manifest_bytes: bytes | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self._manifest_bytes = manifest_bytes  # as read at open: `changed()` compares against it
         self.identity: dict = manifest["identity"]
         self.metadata: dict = manifest["metadata"]
         self.layers: list[int] = list(manifest["layers"])
@@ -181,6 +182,20 @@ class Cache:
             raise ValueError(f"layer {layer} has mean norm {mean_norm} on train; cannot normalise")
         return math.sqrt(self.d_model) / mean_norm
 
+    def changed(self) -> str | None:
+        """Why the cache on disk is no longer the one opened (its manifest rewritten or gone), or None.
+        A reader holding the cache's shared lock never sees this; a writer on another host of a
+        filesystem without shared locks, or one that ignored the lock, can cause it."""
+        if self._manifest_bytes is None:
+            return None
+        try:
+            now = (self.path / MANIFEST).read_bytes()
+        except OSError:
+            return f"its {MANIFEST} is gone"
+        if now != self._manifest_bytes:
+            return f"its {MANIFEST} was rewritten (overwritten, extended or resumed by a harvest)"
+        return None
+
     def close(self) -> None:
         """Drop the open shard maps (tensors already returned keep their own map alive)."""
         with self._lock:
@@ -198,6 +213,7 @@ def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"{folder} is not a cache: no {MANIFEST}; run make harvest to create it")
+    before = (folder / MANIFEST).read_bytes()
     m = manifest_mod.load(folder)
     n_shards = sum(len(m["shards"][s]) for s in SPLITS)
     if not m["complete"] and not allow_incomplete:
@@ -210,6 +226,6 @@ def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
                 state = "is missing" if size is None else f"has {size} bytes, the manifest says {e['bytes']}"
                 raise ValueError(f"cache at {folder}: shard {e['name']} {state}; run python -m cache verify "
                                  f"{folder}, then rerun make harvest (OVERWRITE=1 to rebuild)")
-    return Cache(folder, m)
+    return Cache(folder, m, before)
 
 

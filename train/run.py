@@ -18,6 +18,7 @@ import cache as cache_mod
 import durable
 from cache import Cache
 from cache.names import HELDOUT
+from durable import lock as durable_lock
 from sae import BaseSAE
 from sae.measure import measure
 from settings import Config, ConfigError, save_config, to_dict
@@ -85,6 +86,7 @@ class _Run:
     notes: list[str]
     resolved: Config  # cfg with the cache- and run-dependent defaults filled in (saved as config.yaml)
     dp: DataParallel | None = None  # under torchrun with more than one process
+    locks: list[durable_lock.FolderLock] = field(default_factory=list)  # rank 0: the cache (shared), the run folder
 
     @property
     def is_main(self) -> bool:
@@ -114,6 +116,8 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
         raise
     finally:
         run.loader.close()
+        for lock in reversed(run.locks):
+            lock.release()
     if run.dp is not None:
         run.dp.close()
     if run.is_main:
@@ -122,6 +126,16 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
 
 
 def _setup(cfg: Config) -> _Run:
+    locks: list[durable_lock.FolderLock] = []
+    try:
+        return _setup_locked(cfg, locks)
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+
+
+def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock]) -> _Run:
     t = cfg.training
     data = open_training_cache(t.cache)
     try:
@@ -135,6 +149,12 @@ def _setup(cfg: Config) -> _Run:
     dp = DataParallel.start(device)
     if dp is not None:
         device = dp.device(device)
+    if dp is None or dp.is_main:  # one holder per job
+        try:
+            locks.append(durable_lock.shared(data.path, "cache"))
+        except durable_lock.LockHeld as e:
+            raise TrainError(f"cannot train on training.cache={t.cache}: {e}") from None
+        notes += locks[-1].notes
     # Every rank plans the same global batches; RankLoader hands each its rows of them.
     loader = ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed,
                               buffer_rows=t.shuffle_buffer_rows)
@@ -145,27 +165,32 @@ def _setup(cfg: Config) -> _Run:
         except ValueError as e:
             raise TrainError(str(e)) from e
         notes.append(f"data-parallel: {dp.world} processes, {t.batch_size} tokens per global batch")
-    run_dir, resume, dir_notes = _run_dir(t, cfg.model.type, choice.layers, dp)
+    run_dir, resume, dir_notes = _run_dir(t, cfg.model.type, choice.layers, dp, locks)
     notes += choice.notes + dir_notes + describe(plan)
     resolved = resolved_config(cfg, data, choice, plan, run_dir)
-    return _Run(cfg, data, choice, loader, plan, device, run_dir, resume, notes, resolved, dp)
+    return _Run(cfg, data, choice, loader, plan, device, run_dir, resume, notes, resolved, dp, locks)
 
 
-def _run_dir(t: Any, sae_type: str, layers: list[int], dp: DataParallel | None) -> tuple[Path, bool, list[str]]:
-    """Rank 0 chooses and prepares the run folder (a timestamped name must be one name); the others
-    learn it, or rank 0's error, by broadcast."""
+def _run_dir(t: Any, sae_type: str, layers: list[int], dp: DataParallel | None,
+             locks: list[durable_lock.FolderLock]) -> tuple[Path, bool, list[str]]:
+    """Rank 0 chooses, locks and prepares the run folder (a timestamped name must be one name; one
+    lock holder per job); the others learn it, or rank 0's error, by broadcast."""
     if dp is None:
-        return prepare_run_dir(t, sae_type, layers)
-    answer: Any = None
+        run_dir, resume, notes, lock = prepare_run_dir(t, sae_type, layers)
+        locks.append(lock)
+        return run_dir, resume, notes
+    shared: Any = None
     if dp.is_main:
         try:
-            answer = prepare_run_dir(t, sae_type, layers)
+            run_dir, resume, notes, lock = prepare_run_dir(t, sae_type, layers)
+            locks.append(lock)
+            shared = (run_dir, resume, notes)
         except RunDirError as e:
-            answer = str(e)
-    answer = dp.broadcast_object(answer)
-    if isinstance(answer, str):
-        raise RunDirError(answer)
-    return answer
+            shared = str(e)
+    shared = dp.broadcast_object(shared)
+    if isinstance(shared, str):
+        raise RunDirError(shared)
+    return shared
 
 
 def open_training_cache(path: str) -> Any:
@@ -230,6 +255,7 @@ def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainS
                      run_name=run.run_dir.name, config=to_dict(run.resolved)) if run.is_main else None
 
     def save(st: TrainState) -> None:
+        check_cache_unchanged(run.cache, st.step)
         ckpt = checkpoint_of(model, optimizer, st, run.resolved, run.cache, run.plan)
         ckpt.meta["world_size"] = run.dp.world if run.dp else 1
         write_checkpoint(run.run_dir, ckpt)
@@ -261,8 +287,18 @@ def heldout_summary(model: BaseSAE, cache: Cache, layers: int | list[int], *, ba
     return {"rows": m["tokens"], "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"]}
 
 
+def check_cache_unchanged(data: Any, step: int) -> None:
+    """Stop with one line when the cache on disk is no longer the one this run opened (a writer that
+    the lock could not stop: another host without shared locks, a copy over it)."""
+    why = data.changed() if hasattr(data, "changed") else None
+    if why is not None:
+        raise TrainError(f"the cache {data.path} changed while this run read it ({why}) at step {step}; the rows "
+                         f"read since may be of another cache: start a new run (--overwrite) on the cache as it is now")
+
+
 def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
     t = run.cfg.training
+    check_cache_unchanged(run.cache, state.step)
     meta = provenance(run.cache, run.choice, [float(s) for s in model.input_scale.tolist()], run.run_dir.name)
     meta["training"] = {"steps": state.step, "tokens": state.tokens, "seed": t.seed}
     calibration = model.calibrate(calibration_batches(run.cache, run.choice.loader_layers,
