@@ -15,7 +15,7 @@ import torch
 
 from . import manifest as manifest_mod
 from . import shardio
-from .checksum import shard_size
+from .checksum import hash_shard, shard_size
 from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
 from .stats import LayerStats, from_manifest
 
@@ -35,6 +35,10 @@ def _index(value: Any) -> int | None:
 MAX_OPEN_SHARDS = 64
 
 
+class DamagedShardError(ValueError):
+    """A shard whose bytes do not match its checksum in the manifest; the message names it."""
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     name: str
@@ -47,7 +51,12 @@ class ShardInfo:
 
 
 class Cache:
-    """A validated, read-only cache folder. Use open_cache() to get one."""
+    """A validated, read-only cache folder. Use open_cache() to get one.
+
+    `verify_reads`: hash each shard (xxh3, its manifest checksum) the first time this object maps it,
+    in the thread that reads it (the training loader's background thread), and raise
+    DamagedShardError on a mismatch. Off by default; training and evaluation turn it on
+    (`training.verify_reads`)."""
 
     def __init__(self, path: Path, manifest: dict, manifest_bytes: bytes | None = None) -> None:
         self.path = path
@@ -66,6 +75,8 @@ class Cache:
                             for i, e in enumerate(manifest["shards"][s])] for s in SPLITS}
         self._open: OrderedDict[tuple[str, int], shardio.ShardReader] = OrderedDict()
         self._lock = threading.Lock()
+        self.verify_reads = False
+        self._verified: set[tuple[str, int]] = set()  # shards hashed once: an evicted map reopens unhashed
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{s}={self.num_rows(s)}" for s in SPLITS)
@@ -99,12 +110,27 @@ class Cache:
         with self._lock:
             reader = self._open.pop((split, shard), None)
             if reader is None:
+                if self.verify_reads and (split, shard) not in self._verified:
+                    self._verify(info)
+                    self._verified.add((split, shard))
                 reader = shardio.open_shard(self.path / info.name, self.backend)
                 self._check_shard(info, reader)
             self._open[(split, shard)] = reader
             while len(self._open) > MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)
         return info, reader
+
+    def _verify(self, info: ShardInfo) -> None:
+        try:
+            size, digest = hash_shard(self.path / info.name)
+        except OSError as e:
+            raise DamagedShardError(f"shard {info.name} of {self.path} cannot be read ({e}); run "
+                                    f"`python -m cache verify {self.path}`") from e
+        if (size, digest) != (info.bytes, info.xxh3):
+            raise DamagedShardError(
+                f"shard {info.name} of {self.path} does not match its checksum in the manifest (xxh3 {digest}, "
+                f"expected {info.xxh3}): the cache is damaged; run `python -m cache verify {self.path}`, then "
+                f"rebuild it (make harvest OVERWRITE=1), or set training.verify_reads=false to read it anyway")
 
     def _check_shard(self, info: ShardInfo, reader: shardio.ShardReader) -> None:
         expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {

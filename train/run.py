@@ -61,7 +61,8 @@ class TrainError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is the whole story for a user (the CLI prints it, no traceback)."""
-    return (TrainError, BuildError, CheckpointError, ConfigError, NonFiniteLossError, PlanError, RunDirError)
+    return (TrainError, BuildError, CheckpointError, ConfigError, NonFiniteLossError, PlanError, RunDirError,
+            cache_mod.DamagedShardError)
 
 
 @dataclass
@@ -138,6 +139,7 @@ def _setup(cfg: Config) -> _Run:
 def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock]) -> _Run:
     t = cfg.training
     data = open_training_cache(t.cache)
+    data.verify_reads = t.verify_reads  # each shard hashed when first mapped, on the loader's thread
     try:
         choice = resolve_layers(cfg.model, data.layers, str(data.path))
         d_in = check_d_in(cfg.model, data.d_model)

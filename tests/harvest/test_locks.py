@@ -4,15 +4,15 @@ that a training reads are refused at once, naming the holder, with nothing in th
 from __future__ import annotations
 
 import pytest
-import test_run
-from test_run import _args, _cfg, _error_lines
 
+import tests.harvest.test_run as test_run
 from harvest.__main__ import main
 from harvest.model import HarvestError
 from harvest.run import harvest
 from tests.lock_holder import holder, kill, start_holder
 
 corpus, models = test_run.corpus, test_run.models  # the same module-scoped fixtures
+_args, _cfg, _error_lines = test_run._args, test_run._cfg, test_run._error_lines
 
 
 def _cache_bytes(out):
