@@ -23,6 +23,7 @@ saved with the weights, so a saved SAE needs nothing else.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from abc import ABC, abstractmethod
@@ -224,12 +225,19 @@ class BaseSAE(nn.Module, ABC):
         text = json.dumps(doc, indent=2).encode()  # fails (non-JSON meta) before anything is written
         # Both files are complete on disk under temporary names before either replaces an old one.
         tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
-        save_file(tensors, str(tmp_w))
-        doc["files"] = {WEIGHTS_FILE: file_digest(tmp_w)}  # checked by load_sae: a flipped byte is refused
-        text = json.dumps(doc, indent=2).encode()
-        durable.write_synced(tmp_c, text)
-        durable.publish(tmp_w, path / WEIGHTS_FILE)
-        durable.publish(tmp_c, path / CONFIG_FILE)
+        try:
+            save_file(tensors, str(tmp_w))
+            doc["files"] = {WEIGHTS_FILE: file_digest(tmp_w)}  # checked by load_sae: a flipped byte is refused
+            text = json.dumps(doc, indent=2).encode()
+            durable.write_synced(tmp_c, text)
+            durable.publish(tmp_w, path / WEIGHTS_FILE)
+            durable.publish(tmp_c, path / CONFIG_FILE)
+        except BaseException as e:
+            tmp_w.unlink(missing_ok=True)
+            tmp_c.unlink(missing_ok=True)
+            if durable.is_disk_full(e) and not isinstance(e, OSError):  # safetensors' SafetensorError
+                raise OSError(errno.ENOSPC, f"disk full while writing {path / WEIGHTS_FILE} ({e})") from e
+            raise
         return path
 
 

@@ -16,7 +16,6 @@ moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -61,8 +60,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> Path:
     """Write `ckpt` atomically as `checkpoints/step-<step>/`, then prune to the newest `keep`.
-    On any OSError (a full disk) the partial folder is removed, older checkpoints are untouched,
-    and a CheckpointError says so."""
+    On any failure the partial folder is removed and older checkpoints are untouched; an I/O error
+    (a full disk, reported by the OS or by safetensors) becomes a CheckpointError saying so."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(ckpt.step)
@@ -71,11 +70,14 @@ def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) ->
     try:
         _write_folder(tmp, ckpt)
         final = _publish(tmp, root / name)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half checkpoint for a later run to trip over
+        # safetensors reports a full disk as SafetensorError, with the OS's text in its message
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
         previous = [p.name for p in list_checkpoints(run_dir)]
         kept = f"the previous checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
-        what = "disk full" if e.errno == errno.ENOSPC else f"error ({e})"
+        what = "disk full" if durable.is_disk_full(e) else f"error ({e})"
         raise CheckpointError(
             f"{what} while writing checkpoint {name} in {root}; {kept}. Free space and rerun with --resume."
         ) from e

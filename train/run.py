@@ -112,6 +112,9 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
             raise
         raise TrainError(f"rank {run.dp.rank} of {run.dp.world}: {e}") from e
     except Exception as e:
+        if durable.is_disk_full(e):  # metrics, the final sae/, the summary: the one line, the way back
+            where = "" if run.dp is None else f"rank {run.dp.rank} of {run.dp.world}: "
+            raise TrainError(where + disk_full_message(run.run_dir, e)) from e
         if run.dp is not None:
             e.add_note(f"(raised on rank {run.dp.rank} of {run.dp.world})")
         raise
@@ -287,6 +290,14 @@ def heldout_summary(model: BaseSAE, cache: Cache, layers: int | list[int], *, ba
         return {"rows": 0, "fvu": None, "l0": None, "dead_fraction": None}
     m = measure(model, cache.iter_rows(HELDOUT, layers, batch_size, max_rows), device=device)["metrics"]
     return {"rows": m["tokens"], "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"]}
+
+
+def disk_full_message(run_dir: Path, exc: BaseException) -> str:
+    kept = list_checkpoints(run_dir)
+    state = f"checkpoint {kept[-1].name} is intact" if kept else "no checkpoint was written yet"
+    detail = " ".join(str(exc).split())
+    return (f"disk full while training into {run_dir} ({detail}); {state} and no partial file is kept: free space "
+            f"and rerun with --resume (RESUME=1)")
 
 
 def check_cache_unchanged(data: Any, step: int) -> None:
