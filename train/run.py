@@ -38,7 +38,7 @@ from train.calibrate import calibration_batches
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
-from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
+from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE, checkpoint_name
 from train.loop import (
     TRAINING_DTYPES,
     LoopHooks,
@@ -51,6 +51,7 @@ from train.loop import (
 )
 from train.metrics import MetricsLog
 from train.plan import PlanError, RunPlan, describe, plan_run
+from train.preempt import Preempted, StopRequests
 from train.resume import checkpoint_of, resolved_config, restore
 from train.rundir import RunDirError, prepare_run_dir
 
@@ -98,6 +99,15 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
           say: Callable[[str], None] | None = None) -> RunResult:
     """Run training as `cfg` says (`training.resume` / `training.overwrite` included)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
+    stops = StopRequests().install()  # SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, exit
+    try:
+        return _train(cfg, after_step, say, stops)
+    finally:
+        stops.restore()
+
+
+def _train(cfg: Config, after_step: Iterable[Callable[[TrainState], None]], say: Callable[[str], None],
+           stops: StopRequests) -> RunResult:
     run = _setup(cfg)
     if not run.is_main:
         say = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
@@ -105,7 +115,10 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
         for note in run.notes:
             say(note)
         model, optimizer, state = _model_and_state(run, say)
-        state = _loop(run, model, optimizer, state, after_step)
+        state = _loop(run, model, optimizer, state, after_step, stops)
+        if stops.requested(run.dp, run.device):  # the final checkpoint is written: stop before the evaluation
+            kept = list_checkpoints(run.run_dir)
+            raise Preempted(stops.signum or 15, state.step, kept[-1].name if kept else None, run.run_dir)
         summary = _finish(run, model, state) if run.is_main else {}
     except user_errors() as e:
         if run.dp is None:
@@ -254,16 +267,27 @@ def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.
 
 
 def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainState,
-          after_step: Iterable[Callable[[TrainState], None]]) -> TrainState:
+          after_step: Iterable[Callable[[TrainState], None]], stops: StopRequests) -> TrainState:
     cfg = run.cfg
     log = MetricsLog(run.run_dir, total_steps=run.plan.total_steps, start_step=state.step, wandb_cfg=cfg.wandb,
                      run_name=run.run_dir.name, config=to_dict(run.resolved)) if run.is_main else None
+    saved: list[Path] = []
 
     def save(st: TrainState) -> None:
         check_cache_unchanged(run.cache, st.step)
         ckpt = checkpoint_of(model, optimizer, st, run.resolved, run.cache, run.plan)
         ckpt.meta["world_size"] = run.dp.world if run.dp else 1
-        write_checkpoint(run.run_dir, ckpt)
+        saved[:] = [write_checkpoint(run.run_dir, ckpt)]
+
+    def stop_if_asked(st: TrainState) -> None:
+        """After the step (and its hooks): on a signal, checkpoint this step unless just done, and stop."""
+        if st.step >= run.plan.total_steps or not stops.requested(run.dp, run.device):
+            return  # the last step: the run checkpoints it and stops at _train's check
+        if run.is_main and not (saved and saved[0].name == checkpoint_name(st.step)):
+            save(st)
+        raise Preempted(stops.signum or 15, st.step, checkpoint_name(st.step), run.run_dir)
+
+    after_step = (*after_step, stop_if_asked)
 
     if log is not None:
         hooks = LoopHooks(log=log.log, checkpoint=save, after_step=tuple(after_step), progress=log.advance)
