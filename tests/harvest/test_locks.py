@@ -16,7 +16,7 @@ _args, _cfg, _error_lines = test_run._args, test_run._cfg, test_run._error_lines
 
 
 def _cache_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_a_second_harvest_is_refused_even_with_overwrite(models, corpus, tmp_path, capsys):
@@ -31,14 +31,16 @@ def test_a_second_harvest_is_refused_even_with_overwrite(models, corpus, tmp_pat
     assert _cache_bytes(out) == before
 
 
-def test_a_cache_read_by_a_training_is_not_overwritten_nor_extended(models, corpus, tmp_path):
+@pytest.mark.parametrize("backend", ["safetensors", "zarr"])
+def test_a_cache_read_by_a_training_is_not_overwritten_nor_extended(models, corpus, tmp_path, backend):
     out = tmp_path / "c"
-    harvest(_cfg(models("gpt2"), corpus, out, "harvest.max_tokens=100"), progress=False)
+    harvest(_cfg(models("gpt2"), corpus, out, "harvest.max_tokens=100", f"harvest.backend={backend}"),
+            progress=False)
     before = _cache_bytes(out)
     with holder(out, "shared") as reader:
         for extra in (["harvest.overwrite=true", "harvest.layers=0:2"], ["harvest.max_tokens=300"]):
             with pytest.raises(HarvestError, match=rf"is being read by pid {reader.pid} .*cannot be replaced"):
-                harvest(_cfg(models("gpt2"), corpus, out, *extra), progress=False)
+                harvest(_cfg(models("gpt2"), corpus, out, f"harvest.backend={backend}", *extra), progress=False)
     assert _cache_bytes(out) == before
 
 

@@ -35,9 +35,11 @@ def _shards(out):
     return [(e["name"], e["xxh3"]) for s in ("train", "heldout") for e in m["shards"][s]]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_commits_complete_shards_and_the_rerun_finishes_the_same(models, corpus, tmp_path, sig):
-    extra = ("harvest.max_tokens=2000", "harvest.shard_rows=50", "harvest.shuffle_window=2")
+@pytest.mark.parametrize("sig, backend", [(signal.SIGTERM, "safetensors"), (signal.SIGUSR1, "safetensors"),
+                                          (signal.SIGTERM, "zarr")])
+def test_a_signal_commits_complete_shards_and_the_rerun_finishes_the_same(models, corpus, tmp_path, sig, backend):
+    extra = ("harvest.max_tokens=2000", "harvest.shard_rows=50", "harvest.shuffle_window=2",
+             f"harvest.backend={backend}")
     args = _args(models("gpt2"), corpus, tmp_path / "c", *extra)
     harvest(_cfg(models("gpt2"), corpus, tmp_path / "ref", *extra), progress=False)  # uninterrupted
     proc = subprocess.Popen([sys.executable, "-c", _SLOW, "--quiet", *args], cwd=REPO, text=True,

@@ -84,8 +84,9 @@ def test_a_cache_being_read_by_a_training_cannot_be_overwritten(tiny_cache, tmp_
     assert _bytes(tiny_cache) == before
 
 
-def test_a_cache_changed_under_a_training_stops_it_in_one_line(tmp_path):
-    path = write_cache(tmp_path / "c", content="sparse", **TINY).path
+@pytest.mark.parametrize("backend", ["safetensors", "zarr"])
+def test_a_cache_changed_under_a_training_stops_it_in_one_line(tmp_path, backend):
+    path = write_cache(tmp_path / "c", content="sparse", backend=backend, **TINY).path
 
     def rewrite_behind_the_lock(state):  # as a writer on another host without shared locks would
         if state.step == 3:
