@@ -131,8 +131,9 @@ def _key(folder: Path) -> str:
 
 
 def exclusive(folder: str | Path, what: str = "folder") -> FolderLock:
-    """Hold `folder` (created if missing) for writing, or raise LockHeld naming the holder(s).
-    `what` names the folder's kind in messages ("cache", "run folder")."""
+    """Hold `folder` for writing, or raise LockHeld naming the holder(s); the folder itself need not
+    exist (its parent is created for the lock file). `what` names the folder's kind in messages
+    ("cache", "run folder")."""
     folder = Path(folder)
     held = _HELD.get(_key(folder))
     if held is not None:
@@ -156,8 +157,8 @@ def exclusive(folder: str | Path, what: str = "folder") -> FolderLock:
 
 def shared(folder: str | Path, what: str = "folder") -> FolderLock:
     """Hold `folder` for reading (any number of readers, no writer), or raise LockHeld naming the
-    writer. A folder this process cannot write and without a lock file is read unlocked (nobody
-    without write permission can change it either; `fd` is None then)."""
+    writer. A folder whose parent this process cannot write and that has no lock file yet is read
+    unlocked (`fd` is None then; the manifest check of a training still catches a change)."""
     folder = Path(folder)
     held = _HELD.get(_key(folder))
     if held is not None:
@@ -180,11 +181,11 @@ def shared(folder: str | Path, what: str = "folder") -> FolderLock:
     except BaseException:
         os.close(fd)
         raise
-    record = path.parent / f"{_reader_prefix(folder)}{socket.gethostname()}-{os.getpid()}"
+    record: Path | None = path.parent / f"{_reader_prefix(folder)}{socket.gethostname()}-{os.getpid()}"
     try:
-        record.write_text(json.dumps(this_holder("shared")))
+        record.write_text(json.dumps(this_holder("shared")))  # type: ignore[union-attr]
     except OSError:
-        record = None  # type: ignore[assignment]  # a read-only folder: the refusal says "a reader" only
+        record = None  # a read-only parent: a refusal can then say "a reader" only
     lock = FolderLock(folder, "shared", fd, reader_record=record, notes=notes)
     _HELD[_key(folder)] = lock
     return lock
