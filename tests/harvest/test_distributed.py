@@ -308,8 +308,9 @@ def test_a_distributed_harvest_is_refused_while_another_process_holds_the_cache(
     with holder(out, "shared") as reader:  # a training reading it
         proc = _torchrun(["-m", "harvest"], setup.args(out))
     assert proc.returncode != 0, proc.stderr[-3000:]  # torchrun reports a failed worker as 1
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("harvest: error: rank 0")]
-    assert lines and f"is being read by pid {reader.pid}" in lines[0], proc.stderr[-3000:]
+    # the two ranks' error lines may interleave on stderr: look for rank 0's words, not its line
+    refusal = f"harvest: error: rank 0 of 2: harvest.output: cache {out} is being read by pid {reader.pid} on "
+    assert refusal in proc.stderr, proc.stderr[-3000:]
     assert not out.exists() or not any(out.iterdir())  # no rank started writing
     proc = _torchrun(["-m", "harvest"], setup.args(out))  # free again: one holder, rank 0, for the whole job
     assert proc.returncode == 0, proc.stderr[-3000:]
