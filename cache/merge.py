@@ -118,7 +118,7 @@ def merge_ranks(out: Path, world: int, metadata: dict) -> dict:
     if (out / MANIFEST).exists():
         raise MergeError(f"{out} already holds a {MANIFEST}; refusing to merge rank caches over it")
     plan = plan_merge(out, world, metadata)
-    durable.atomic_write_bytes(out / MERGE_PLAN, json.dumps(plan, allow_nan=False).encode())
+    durable.atomic_write_bytes(out / MERGE_PLAN, durable.json_text(plan).encode())
     return finish_merge(out)
 
 

@@ -66,7 +66,7 @@ def encode_header(tensors: Mapping[str, Tensorlike], metadata: dict[str, str]) -
         dtype, shape, nbytes = _spec(tensors[name])
         header[name] = {"dtype": DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, order
 

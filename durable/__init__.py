@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -101,7 +102,41 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, doc: Any, *, indent: int | None = 2) -> None:
     """`atomic_write_bytes` of a JSON document; arrays with `tolist()` (tensors, numpy) become lists.
     The document is serialised before anything is written, so a value JSON cannot hold fails cleanly."""
-    atomic_write_text(path, json.dumps(doc, indent=indent, default=_json_default))
+    atomic_write_text(path, json_text(doc, indent=indent))
+
+
+def json_text(doc: Any, *, indent: int | None = None) -> str:
+    """The one JSON encoder of every file the project writes: strict JSON (a NaN or infinity raises
+    ValueError instead of becoming the bare `NaN` token that strict parsers reject); arrays with
+    `tolist()` become lists. Metrics that may not be computable go through `null_non_finite` first."""
+    return json.dumps(doc, indent=indent, default=_json_default, allow_nan=False)
+
+
+def null_non_finite(doc: Any, why: str) -> Any:
+    """A copy of `doc` in which every non-finite float under a dict key becomes `null`, with
+    `<key>_reason` beside it saying which value it was and `why` it could not be computed (an empty
+    split, a zero denominator, non-finite activations); one in a list becomes `null`."""
+    def reason(value: float) -> str:
+        return f"not computable ({value}): {why}"
+
+    if hasattr(doc, "item") and getattr(doc, "ndim", 1) == 0:
+        doc = doc.item()
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return None
+    if isinstance(doc, dict):
+        out: dict[Any, Any] = {}
+        for key, value in doc.items():
+            if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+                value = value.item()
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+                out[f"{key}_reason"] = reason(value)
+            else:
+                out[key] = null_non_finite(value, why)
+        return out
+    if isinstance(doc, (list, tuple)):
+        return [null_non_finite(v, why) for v in doc]
+    return doc
 
 
 def _json_default(value: object) -> object:

@@ -183,7 +183,7 @@ def shared(folder: str | Path, what: str = "folder") -> FolderLock:
         raise
     record: Path | None = path.parent / f"{_reader_prefix(folder)}{socket.gethostname()}-{os.getpid()}"
     try:
-        record.write_text(json.dumps(this_holder("shared")))  # type: ignore[union-attr]
+        record.write_text(json.dumps(this_holder("shared"), allow_nan=False))  # type: ignore[union-attr]
     except OSError:
         record = None  # a read-only parent: a refusal can then say "a reader" only
     lock = FolderLock(folder, "shared", fd, reader_record=record, notes=notes)
@@ -269,7 +269,7 @@ def _refusal(folder: Path, what: str, op: int) -> str:
 
 
 def _write_record(fd: int, record: dict[str, Any]) -> None:
-    data = json.dumps(record).encode()
+    data = json.dumps(record, allow_nan=False).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
 

@@ -47,7 +47,7 @@ def export_saelens(sae_dir: str | Path, out: str | Path, density: list[float] | 
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in tensors.items()}
     durable.write_via(out / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
-    durable.atomic_write_text(out / CFG_FILE, json.dumps(cfg, indent=2))
+    durable.atomic_write_json(out / CFG_FILE, cfg, indent=2)
     if density is None:
         density = _density_from_eval(Path(sae_dir).parent / EVAL_FILE)
     if density is not None:

@@ -158,8 +158,13 @@ def _downstream(lm: LoadedModel, tok: PreTrainedTokenizerBase, sae: BaseSAE, c: 
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic write (durable): a crash never leaves half an eval.json."""
-    durable.atomic_write_json(path, data, indent=1)
+    """Atomic write (durable): a crash never leaves half an eval.json. Strict JSON: a metric that
+    cannot be computed is `null` with `<name>_reason` beside it."""
+    durable.atomic_write_json(path, durable.null_non_finite(data, METRIC_REASON), indent=1)
+
+
+METRIC_REASON = ("the held-out split or the downstream sequences gave no usable value (an empty split, a zero "
+                 "denominator, or non-finite activations: run `cache verify`)")
 
 
 _TABLE_ROWS = [

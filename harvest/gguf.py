@@ -27,7 +27,7 @@ from pathlib import Path
 
 import xxhash
 
-from durable import atomic_write_bytes, fsync_dir, fsync_tree, remove_path
+from durable import atomic_write_bytes, fsync_dir, fsync_tree, json_text, remove_path
 from harvest.errors import TextError
 
 ENV_DIR = "SAECACHE_MODEL_CACHE"
@@ -107,7 +107,7 @@ def ensure_converted(gguf: str | Path, *, root: Path | None = None,
         (convert or convert_gguf)(gguf, tmp)
         marker = {"format": MARKER_FORMAT, "gguf_xxh3": digest, "gguf_file": gguf.name,
                   "gguf_bytes": gguf.stat().st_size, "note": _NOTE, **_versions()}
-        atomic_write_bytes(tmp / MARKER, json.dumps(marker, indent=1).encode())
+        atomic_write_bytes(tmp / MARKER, json_text(marker, indent=1).encode())
         fsync_tree(tmp)
         remove_path(final)  # an untrusted leftover (no marker, or another file's): replaced
         os.replace(tmp, final)

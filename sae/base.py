@@ -222,13 +222,13 @@ class BaseSAE(nn.Module, ABC):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         doc = {"format_version": FORMAT_VERSION, "config": asdict(self.cfg), "meta": meta or {}}
-        text = json.dumps(doc, indent=2).encode()  # fails (non-JSON meta) before anything is written
+        text = durable.json_text(doc, indent=2).encode()  # fails (non-JSON meta) before anything is written
         # Both files are complete on disk under temporary names before either replaces an old one.
         tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
         try:
             save_file(tensors, str(tmp_w))
             doc["files"] = {WEIGHTS_FILE: file_digest(tmp_w)}  # checked by load_sae: a flipped byte is refused
-            text = json.dumps(doc, indent=2).encode()
+            text = durable.json_text(doc, indent=2).encode()
             durable.write_synced(tmp_c, text)
             durable.publish(tmp_w, path / WEIGHTS_FILE)
             durable.publish(tmp_c, path / CONFIG_FILE)

@@ -140,7 +140,7 @@ def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
         sizes[file.name] = file.stat().st_size
         digests[file.name] = file_digest(file)["xxh3"]
     meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "step": ckpt.step, "files": sizes, "xxh3": digests}
-    durable.write_synced(tmp / STATE_FILE, json.dumps(meta, indent=1).encode())
+    durable.write_synced(tmp / STATE_FILE, durable.json_text(meta, indent=1).encode())
     durable.fsync_dir(tmp)
 
 

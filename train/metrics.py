@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +17,8 @@ from tqdm import tqdm
 
 import durable
 from train.layout import METRICS_FILE
+
+METRIC_REASON = "this step's batch gave no usable value (a zero denominator or non-finite values)"
 
 
 class MetricsLog:
@@ -42,8 +43,8 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append `record` (must contain `step`) to metrics.jsonl, the bar's postfix and wandb."""
-        clean = {k: _jsonable(v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        clean = durable.null_non_finite({k: _jsonable(v) for k, v in record.items()}, METRIC_REASON)
+        self._file.write(durable.json_text(clean) + "\n")
         self._file.flush()
         self._bar.set_postfix(
             {k: f"{clean[k]:.4g}" for k in ("loss", "l0", "fvu") if isinstance(clean.get(k), float)}, refresh=False
@@ -112,8 +113,4 @@ def _start_wandb(wandb_cfg: Any, run_name: str, run_dir: Path, config: dict[str,
 
 
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep the file strict JSON
-    return value
+    return value.item() if hasattr(value, "item") else value

@@ -333,6 +333,10 @@ def check_cache_unchanged(data: Any, step: int) -> None:
                          f"read since may be of another cache: start a new run (--overwrite) on the cache as it is now")
 
 
+SUMMARY_REASON = ("the held-out split gave no usable value (an empty split, a zero denominator, or "
+                  "non-finite activations: run `cache verify`)")
+
+
 def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
     t = run.cfg.training
     check_cache_unchanged(run.cache, state.step)
@@ -353,5 +357,5 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "heldout": heldout,
         "threshold_calibration": calibration,
     }
-    durable.atomic_write_json(run.run_dir / SUMMARY_FILE, summary)
+    durable.atomic_write_json(run.run_dir / SUMMARY_FILE, durable.null_non_finite(summary, SUMMARY_REASON))
     return summary
