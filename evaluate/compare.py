@@ -4,6 +4,7 @@ architecture (plot). Reads each run's eval.json; runs not yet evaluated are list
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from evaluate.plots import frontier_plot
@@ -32,16 +33,17 @@ def collect(run_dirs: list[Path]) -> tuple[list[dict], list[str]]:
 def markdown(rows: list[dict]) -> str:
     cols = ["run", "type", "blocks", "d_sae", "L0", "FVU", "dead", "CE loss score", "KL/token", "emb. cos"]
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for r in sorted(rows, key=lambda r: (r["type"], r["l0"])):
+    # eval.json records a metric that could not be computed as null (strict JSON): shown as "-", sorted last.
+    for r in sorted(rows, key=lambda r: (r["type"], math.inf if r["l0"] is None else r["l0"])):
         d = r["downstream"]
-        lines.append(f"| {r['run']} | {r['type']} | {r['layers']} | {r['d_sae']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-                     f"{r['dead_fraction']:.1%} | {_fmt(d.get('ce_loss_score'))} | {_fmt(d.get('kl_per_token'))} | "
-                     f"{_fmt(d.get('embedding_cos_sae'))} |")
+        lines.append(f"| {r['run']} | {r['type']} | {r['layers']} | {r['d_sae']} | {_fmt(r['l0'], '.1f')} | "
+                     f"{_fmt(r['fvu'])} | {_fmt(r['dead_fraction'], '.1%')} | {_fmt(d.get('ce_loss_score'))} | "
+                     f"{_fmt(d.get('kl_per_token'))} | {_fmt(d.get('embedding_cos_sae'))} |")
     return "\n".join(lines)
 
 
-def _fmt(v: object) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _fmt(v: object, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def compare(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path | None]:
@@ -55,5 +57,6 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path 
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
     (out_dir / "compare.md").write_text(text + "\n")
-    plot = frontier_plot(rows, out_dir / "fvu_vs_l0.png") if rows else None
+    plotted = [r for r in rows if r["l0"] is not None and r["fvu"] is not None]
+    plot = frontier_plot(plotted, out_dir / "fvu_vs_l0.png") if plotted else None
     return text, plot

@@ -9,6 +9,7 @@ from pathlib import Path
 from cache_fixtures import write_cache
 from run_fixtures import TINY, tiny_config
 
+from evaluate.compare import compare
 from evaluate.run import evaluate_run
 from train.run import train
 
@@ -61,3 +62,8 @@ def test_every_json_of_a_tiny_run_is_strict(tmp_path):
     metrics = json.loads((run_dir / "eval.json").read_text())["metrics"]
     assert metrics["fvu"] is None and "not computable (nan)" in metrics["fvu_reason"]
     assert metrics["explained_variance"] is None and metrics["explained_variance_reason"]
+
+    # Readers of eval.json take the null: compare shows it as "-" and leaves the run off the plot.
+    text, plot = compare([run_dir], tmp_path / "compare")
+    row = text.splitlines()[2]  # header, rule, the one run
+    assert row.split(" | ")[5] == "-" and plot is None
