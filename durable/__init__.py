@@ -4,7 +4,9 @@ Full writes, fsync of files and folders, atomic replace, cleanup. The cache's sh
 a saved SAE, training checkpoints and summaries, eval.json, the resolved config.yaml: each is
 written under a temporary name, fsynced, renamed over its target and the folder fsynced, so a crash
 leaves either the old or the new content, never half a file. A failing write surfaces as the
-OSError of the real system call (tests inject ENOSPC there).
+OSError of the real system call (tests inject ENOSPC there). Every JSON file is strict JSON
+(`json_text`: a NaN or infinity raises ValueError; `null_non_finite` turns a metric that cannot be
+computed into `null` with its reason beside it).
 
 This package imports nothing of ours, so that every other one (`sae` and `cache` included) may use it.
 """
