@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +114,14 @@ def json_text(doc: Any, *, indent: int | None = None) -> str:
     return json.dumps(doc, indent=indent, default=_json_default, allow_nan=False)
 
 
-def null_non_finite(doc: Any, why: str) -> Any:
+def null_non_finite(doc: Any, why: str, by_key: Mapping[str, str] | None = None) -> Any:
     """A copy of `doc` in which every non-finite float under a dict key becomes `null`, with
-    `<key>_reason` beside it saying which value it was and `why` it could not be computed (an empty
-    split, a zero denominator, non-finite activations); one in a list becomes `null`."""
-    def reason(value: float) -> str:
-        return f"not computable ({value}): {why}"
+    `<key>_reason` beside it saying which value it was and why it could not be computed: `by_key[key]`
+    when the caller knows that metric's cause, else `why`. One in a list becomes `null`."""
+    known = by_key or {}
+
+    def reason(key: Any, value: float) -> str:
+        return f"not computable ({value}): {known.get(key, why)}"
 
     if hasattr(doc, "item") and getattr(doc, "ndim", 1) == 0:
         doc = doc.item()
@@ -132,12 +134,12 @@ def null_non_finite(doc: Any, why: str) -> Any:
                 value = value.item()
             if isinstance(value, float) and not math.isfinite(value):
                 out[key] = None
-                out[f"{key}_reason"] = reason(value)
+                out[f"{key}_reason"] = reason(key, value)
             else:
-                out[key] = null_non_finite(value, why)
+                out[key] = null_non_finite(value, why, by_key)
         return out
     if isinstance(doc, (list, tuple)):
-        return [null_non_finite(v, why) for v in doc]
+        return [null_non_finite(v, why, by_key) for v in doc]
     return doc
 
 

@@ -21,6 +21,7 @@ from evaluate.heldout import heldout_metrics
 from sae import BaseSAE, load_sae
 from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
 from sae.measure import PREFIXES_KEY, ROUTING_KEY
+from sae.metrics import UNDEFINED_REASONS as METRIC_REASONS
 from settings import Config, load_config
 from train.layout import CONFIG_FILE, DASHBOARD_FILE, EVAL_FILE, SAE_DIR
 
@@ -160,11 +161,12 @@ def _downstream(lm: LoadedModel, tok: PreTrainedTokenizerBase, sae: BaseSAE, c: 
 def write_json(path: Path, data: dict) -> None:
     """Atomic write (durable): a crash never leaves half an eval.json. Strict JSON: a metric that
     cannot be computed is `null` with `<name>_reason` beside it."""
-    durable.atomic_write_json(path, durable.null_non_finite(data, METRIC_REASON), indent=1)
+    durable.atomic_write_json(path, durable.null_non_finite(data, METRIC_REASON, METRIC_REASONS), indent=1)
 
 
-METRIC_REASON = ("the held-out split or the downstream sequences gave no usable value (an empty split, a zero "
-                 "denominator, or non-finite activations: run `cache verify`)")
+METRIC_REASON = ("the held-out split or the downstream sequences gave no usable value (a zero denominator or "
+                 "non-finite activations: run `cache verify`)")
+
 
 
 _TABLE_ROWS = [

@@ -104,14 +104,19 @@ class CausalFidelity:
         self.kl += float((logp.exp() * (logp - logq)).sum())
         self.tokens += int(targets.numel())
 
-    def result(self) -> dict[str, float | int | None]:
+    def result(self) -> dict[str, float | int | str | None]:
         if self.tokens == 0:
             raise ValueError("no next-token predictions were made: the held-out sequences are too short")
         n = self.tokens
         ce = {k: v / n for k, v in self.ce.items()}
-        return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
-                "ce_loss_score": ce_loss_score(ce["clean"], ce["sae"], ce["zero"]),
-                "kl_per_token": self.kl / n, "predicted_tokens": n}
+        out: dict[str, float | int | str | None] = {
+            "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+            "ce_loss_score": ce_loss_score(ce["clean"], ce["sae"], ce["zero"]),
+            "kl_per_token": self.kl / n, "predicted_tokens": n}
+        if out["ce_loss_score"] is None:  # eval.json says why beside the null (issue 17)
+            out["ce_loss_score_reason"] = (f"zero ablation changes the CE by only {ce['zero'] - ce['clean']:.2e} "
+                                           f"nats, the score's denominator: the ratio means nothing")
+        return out
 
 
 def ce_loss_score(ce_clean: float, ce_sae: float, ce_zero: float, eps: float = 1e-4) -> float | None:

@@ -139,3 +139,13 @@ def density_histogram(density: Tensor, bins: int = 40) -> dict[str, list[float] 
     counts = torch.histc(logd, bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1)
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "dead": dead}
+
+
+_NO_VARIANCE = ("the rows have zero total variance (one row, or all rows equal), which FVU divides by: "
+                "measure more rows (evaluate.max_tokens)")
+# Why each metric of `result` can be NaN (its denominator is 0): written beside the null in
+# eval.json and train_summary.json (durable.null_non_finite).
+UNDEFINED_REASONS = {
+    "fvu": _NO_VARIANCE, "explained_variance": _NO_VARIANCE,
+    "relative_reconstruction_bias": "the SAE's output is orthogonal to its input (the ratio's denominator is 0)",
+}

@@ -21,6 +21,7 @@ from cache.names import HELDOUT
 from durable import lock as durable_lock
 from sae import BaseSAE
 from sae.measure import measure
+from sae.metrics import UNDEFINED_REASONS as METRIC_REASONS
 from settings import Config, ConfigError, save_config, to_dict
 from settings.device import resolve_device
 from train.build import (
@@ -333,8 +334,7 @@ def check_cache_unchanged(data: Any, step: int) -> None:
                          f"read since may be of another cache: start a new run (--overwrite) on the cache as it is now")
 
 
-SUMMARY_REASON = ("the held-out split gave no usable value (an empty split, a zero denominator, or "
-                  "non-finite activations: run `cache verify`)")
+SUMMARY_REASON = "the held-out split gave no usable value (a zero denominator or non-finite activations)"
 
 
 def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
@@ -357,5 +357,6 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "heldout": heldout,
         "threshold_calibration": calibration,
     }
-    durable.atomic_write_json(run.run_dir / SUMMARY_FILE, durable.null_non_finite(summary, SUMMARY_REASON))
+    strict = durable.null_non_finite(summary, SUMMARY_REASON, METRIC_REASONS)  # a NaN metric: null + its reason
+    durable.atomic_write_json(run.run_dir / SUMMARY_FILE, strict)
     return summary

@@ -8,6 +8,7 @@ import torch
 
 import durable
 from evaluate.run import write_json
+from evaluate.splice import CausalFidelity
 from train.metrics import MetricsLog
 
 
@@ -40,6 +41,22 @@ def test_null_non_finite_records_null_with_the_reason_beside_it():
         "curve": [1.0, None],
     }
     assert math.isnan(doc["metrics"]["fvu"])  # the caller's document is not changed
+
+
+def test_null_non_finite_takes_a_known_cause_per_key():
+    out = durable.null_non_finite({"fvu": math.nan, "mse": math.inf}, "generic", {"fvu": "zero variance"})
+    assert out == {"fvu": None, "fvu_reason": "not computable (nan): zero variance",
+                   "mse": None, "mse_reason": "not computable (inf): generic"}
+
+
+def test_undefined_ce_loss_score_has_its_reason_beside_it():
+    acc = CausalFidelity()
+    acc.tokens, acc.ce = 4, {"clean": 8.0, "sae": 8.4, "zero": 8.0}  # zero ablation changes nothing
+    with pytest.warns(UserWarning, match="CE loss score undefined"):
+        r = acc.result()
+    assert r["ce_loss_score"] is None and "denominator" in str(r["ce_loss_score_reason"])
+    doc = json.loads(durable.json_text(r), parse_constant=_refuse)
+    assert doc["ce_loss_score"] is None
 
 
 def test_eval_json_writes_a_non_computable_metric_as_null_with_reason(tmp_path):
