@@ -44,6 +44,7 @@ AUTO_SPARSE_MIN_LATENTS = {"cpu": 0, "cuda": 0}
 class TopKSAE(BaseSAE):
     sparse_acts = True
     ratio_terms = ("auxk",)
+    bf16_auto = True  # quality-checked (bench/RESULTS.md "bf16 quality check"); the family inherits it
     recon_name = "mse"  # name of the optimised reconstruction term in `loss`
 
     def __init__(self, cfg: SAEConfig):

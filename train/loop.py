@@ -31,9 +31,8 @@ from sae import BaseSAE
 from settings import TrainingConfig
 from train.distributed import DataParallel
 from train.plan import RunPlan
+from train.precision import autocast_for, compute_dtype
 from train.schedule import sparsity_factor
-
-TRAINING_DTYPES = ("float32", "bfloat16", "float64")  # float64: exactness checks (tests)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,33 +87,20 @@ class Stepper:
     forward: Callable[..., dict[str, Tensor]] | None = None  # e.g. torch.compile(sae); default the SAE
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     dp: DataParallel | None = None  # under torchrun, else None
+    dtype: str = "float32"  # what the matmuls run in (train/precision.py), for the run summary
 
     @classmethod
     def from_config(cls, sae: BaseSAE, optimizer: torch.optim.Optimizer, plan: RunPlan, t: TrainingConfig,
                     device: torch.device, dp: DataParallel | None = None) -> Stepper:
-        if t.dtype not in TRAINING_DTYPES:
-            raise ValueError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
-        bf16 = t.dtype == "bfloat16" and bf16_autocast_available(device)
+        used = compute_dtype(t.dtype, device, sae.bf16_auto)
         return cls(
             sae=sae, optimizer=optimizer, plan=plan, lr=t.lr, l1_coefficient=t.l1_coefficient,
             clip_norm=t.gradient_clip_norm, normalize_decoder=t.normalize_decoder,
             # bf16 compute, float32 master weights and optimiser state: autocast leaves parameters alone
-            autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
+            autocast=autocast_for(used, device), dtype=used,
             forward=torch.compile(sae) if t.compile else None,
             forward_kwargs=sparse_forward_kwargs(sae), dp=dp,
         )
-
-
-def bf16_autocast_available(device: torch.device) -> bool:
-    """bf16 autocast pays on CUDA and on CPUs with native bf16 GEMMs (oneDNN: AVX512-BF16 or AMX), where
-    the encoder's GEMM, most of a TopK step, runs about 3x faster than in float32; elsewhere it would be
-    emulated and slower, so training stays in float32."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent means no
-    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
 
 
 def make_optimizer(sae: BaseSAE, t: TrainingConfig) -> torch.optim.Adam:
