@@ -46,8 +46,8 @@ class Selection:
 
 
 def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
-    counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cumsum(counts, 0) - counts
+    """Start of each row's entries in the non-decreasing `rows` (searchsorted: no host sync on CUDA)."""
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
 
 
 @torch.no_grad()
@@ -136,3 +136,15 @@ def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
     dead_cols = dead_mask.nonzero().squeeze(1)
     sub = select_topk(z.index_select(1, dead_cols), k_aux)
     return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1])
+
+
+@torch.no_grad()
+def select_dead_topk_masked(z: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Selection, Tensor]:
+    """AuxK without data-dependent shapes (no host-device sync, for GPUs): per-row top k_aux of z [B, M]
+    with the live columns masked to -inf -> (Selection of exactly k_aux per row, keep [N] bool: the
+    entry is a dead latent). With fewer than k_aux dead latents the surplus picks are live ones with
+    keep False; weighting the values by keep gives what `select_dead_topk` with k_aux = min(k_aux,
+    n_dead) gives."""
+    masked = z.masked_fill(~dead_mask, float("-inf"))
+    sel = select_topk(masked, min(k_aux, z.shape[1]))
+    return sel, dead_mask[sel.cols]

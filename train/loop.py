@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +104,26 @@ class Stepper:
 
 
 def make_optimizer(sae: BaseSAE, t: TrainingConfig) -> torch.optim.Adam:
+    """Adam over the SAE's parameters: the fused kernel (one pass over each parameter, its gradient and
+    both moments; no host sync for the step count) where torch has it for these parameters, else the
+    foreach one. Either way the moments are float32 (the parameters' dtype)."""
     if len(t.betas) != 2:
         raise ValueError(f"training.betas must hold two numbers, got {t.betas}")
-    return torch.optim.Adam(sae.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps)
+    params = list(sae.parameters())
+    kwargs: dict[str, Any] = {"lr": t.lr, "betas": (t.betas[0], t.betas[1]), "eps": t.eps}
+    if fused_adam_supported(params):
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
+def fused_adam_supported(params: Sequence[Tensor]) -> bool:
+    """torch's fused Adam takes floating-point parameters on CPU and CUDA, all on one device type. Only
+    contiguous ones: its CPU kernel walks a parameter, its gradient and its moments as flat memory, so a
+    transposed parameter (tied_init's encoder) whose moments come back contiguous from a checkpoint
+    pairs the wrong elements, and resume stops being bitwise (tests/train/test_loop.py)."""
+    types = {p.device.type for p in params}
+    return (len(types) == 1 and types <= {"cpu", "cuda"}
+            and all(p.is_floating_point() and p.is_contiguous() for p in params))
 
 
 def sparse_forward_kwargs(sae: BaseSAE) -> dict[str, Any]:
@@ -208,8 +225,8 @@ def run_loop(s: Stepper, loader: Any, state: TrainState, hooks: LoopHooks, devic
     meter = _Meter(state)
     batches = loader.batches(state.epoch, state.batch)
     try:
-        for batch in batches:
-            out, losses = train_step(s, batch.x.to(device, non_blocking=True), state)
+        for batch, x in _on_device(batches, device):
+            out, losses = train_step(s, x, state)
             state.epoch, state.batch = _next_position(batch.epoch, batch.index, plan.batches_per_epoch)
             hooks.progress(1)
             done = state.step >= plan.total_steps
@@ -231,6 +248,24 @@ def run_loop(s: Stepper, loader: Any, state: TrainState, hooks: LoopHooks, devic
         if hasattr(batches, "close"):
             batches.close()
     return state
+
+
+def _on_device(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, Tensor]]:
+    """(batch, its rows on `device`). On a GPU the next batch is pinned and its copy queued before the
+    current one is handed to the step, so it is on the device when that step ends. On a CPU the
+    loader's reader thread already holds the next batches ready (train/data.py, `prefetch`)."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield batch, batch.x.to(device)
+        return
+    it = iter(batches)
+    ahead = next(it, None)
+    pending = None if ahead is None else (ahead, ahead.x.pin_memory().to(device, non_blocking=True))
+    while pending is not None:
+        current = pending
+        ahead = next(it, None)
+        pending = None if ahead is None else (ahead, ahead.x.pin_memory().to(device, non_blocking=True))
+        yield current
 
 
 def _next_position(epoch: int, index: int, per_epoch: int) -> tuple[int, int]:
