@@ -51,10 +51,34 @@ def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
 
 
 @torch.no_grad()
+def row_topk_indices(z: Tensor, k: int) -> Tensor:
+    """[B, k] column indices of a top-k of each row of z [B, M] (in no order), in z's dtype.
+    `torch.topk` over the whole row: the fastest exact way measured on the CPU (bench/RESULTS.md,
+    "Top-k selection"), against a blocked two-stage selection, a threshold from a sample followed by a
+    masked pass, and `torch.compile` of the selection."""
+    return z.topk(k, dim=1, sorted=False).indices
+
+
+@torch.no_grad()
+def blocked_topk_indices(z: Tensor, k: int, blocks: int) -> Tensor:
+    """The same selection in two stages: a top-k in each of `blocks` equal column blocks, then a top-k
+    among those blocks * k candidates. Exact (every row's top-k lies among its blocks' top-k's); measured
+    as an alternative, see `row_topk_indices`. M must be a multiple of `blocks` with M / blocks >= k."""
+    b, m = z.shape
+    width = m // blocks
+    if width * blocks != m or width < k:
+        raise ValueError(f"blocked top-k needs M={m} to split into {blocks} blocks of at least k={k} columns")
+    vals, idx = z.view(b, blocks, width).topk(k, dim=2, sorted=False)
+    idx = idx + torch.arange(0, m, width, device=z.device)[None, :, None]
+    pick = vals.reshape(b, -1).topk(k, dim=1, sorted=False).indices
+    return idx.reshape(b, -1).gather(1, pick)
+
+
+@torch.no_grad()
 def select_topk(z: Tensor, k: int) -> Selection:
     """Per-row TopK of z [B, M]: exactly k entries per row (rows of `cols` in value order)."""
     b, m = z.shape
-    cols = z.topk(k, dim=1, sorted=False).indices.reshape(-1)
+    cols = row_topk_indices(z, k).reshape(-1)
     rows = torch.arange(b, device=z.device).repeat_interleave(k)
     offsets = torch.arange(0, b * k, k, device=z.device)
     return Selection(rows, cols, offsets, m)
