@@ -204,7 +204,8 @@ class BaseSAE(nn.Module, ABC):
         w, g = self.W_dec, self.W_dec.grad
         if g is None:
             return
-        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+        # Two passes over [d_sae, d_in] and no temporary of that size: a row-wise dot, then an in-place axpy.
+        g.addcmul_(torch.linalg.vecdot(g, w, dim=1).unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
