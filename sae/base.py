@@ -60,6 +60,10 @@ class BaseSAE(nn.Module, ABC):
     # Loss terms that are not means over tokens (AuxK's ratio). Under data parallelism
     # `global_losses` turns each into this rank's share: the sum of the shares / W is the global value.
     ratio_terms: ClassVar[tuple[str, ...]] = ()
+    # Whether `training.dtype: auto` may train this architecture with bf16 matmuls (float32 master
+    # weights) where bf16 is native: only after its held-out FVU in bf16 stayed within 0.002 of
+    # float32 after the same steps on the default cache (bench/RESULTS.md, "bf16 quality check").
+    bf16_auto: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -202,7 +206,8 @@ class BaseSAE(nn.Module, ABC):
         w, g = self.W_dec, self.W_dec.grad
         if g is None:
             return
-        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+        # Two passes over [d_sae, d_in] and no temporary of that size: a row-wise dot, then an in-place axpy.
+        g.addcmul_(torch.linalg.vecdot(g, w, dim=1).unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

@@ -98,8 +98,9 @@ class TrainingConfig:
     threshold_start_step: int | None = None  # BatchTopK threshold EMA start; None = 10% of the run
     normalize_decoder: bool = True
     device: str = "auto"
-    # bfloat16: autocast on CUDA and bf16-capable CPUs, float32 master weights; float64: exactness checks
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    # auto: bf16 matmuls (float32 master weights) where bf16 is native and the SAE passed its quality
+    # check, else float32; bfloat16: autocast on CUDA and bf16-capable CPUs; float64: exactness checks
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
     compile: bool = False
     seed: int = 0
     checkpoint_every: int | None = None  # steps; None = 4 per run

@@ -40,7 +40,10 @@ class StopRequests:
     def install(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                # A signal ignored when we start stays ignored: a shell starts background jobs with
+                # SIGINT ignored, and Ctrl-C in the terminal must not stop them.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def restore(self) -> None:

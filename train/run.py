@@ -16,6 +16,7 @@ import torch
 
 import cache as cache_mod
 import durable
+import sae as zoo
 from cache import Cache
 from cache.names import HELDOUT
 from durable import lock as durable_lock
@@ -40,18 +41,10 @@ from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoint
 from train.data import ActivationLoader
 from train.distributed import DataParallel, RankLoader
 from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE, checkpoint_name
-from train.loop import (
-    TRAINING_DTYPES,
-    LoopHooks,
-    NonFiniteLossError,
-    Stepper,
-    TrainState,
-    bf16_autocast_available,
-    make_optimizer,
-    run_loop,
-)
+from train.loop import LoopHooks, NonFiniteLossError, Stepper, TrainState, make_optimizer, run_loop
 from train.metrics import MetricsLog
 from train.plan import PlanError, RunPlan, describe, plan_run
+from train.precision import TRAINING_DTYPES, compute_dtype, dtype_notes, precision_record
 from train.preempt import Preempted, StopRequests
 from train.resume import checkpoint_of, resolved_config, restore
 from train.rundir import RunDirError, prepare_run_dir
@@ -164,7 +157,10 @@ def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock]) -> _Run:
     except BuildError as e:
         raise TrainError(str(e)) from e
     device = resolve_device(t.device, key="training.device")
-    notes = dtype_notes(t.dtype, device)
+    if t.dtype not in TRAINING_DTYPES:
+        raise TrainError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
+    sae_cls = zoo.get(cfg.model.type)
+    notes = dtype_notes(t.dtype, device, sae_cls.bf16_auto, sae_cls.type_name)
     dp = DataParallel.start(device)
     if dp is not None:
         device = dp.device(device)
@@ -218,15 +214,6 @@ def open_training_cache(path: str) -> Any:
         return cache_mod.open(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise TrainError(f"cannot train on training.cache={path}: {e}") from e
-
-
-def dtype_notes(dtype: str, device: torch.device) -> list[str]:
-    if dtype not in TRAINING_DTYPES:
-        raise TrainError(f"training.dtype={dtype!r} is not one of {TRAINING_DTYPES}")
-    if dtype == "bfloat16" and not bf16_autocast_available(device):
-        return ["training.dtype=bfloat16 applies on CUDA and on CPUs with native bf16 (autocast); "
-                "on this device training runs in float32"]
-    return []
 
 
 def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.optim.Optimizer, TrainState]:
@@ -353,6 +340,7 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "run": run.run_dir.name, "sae_type": model.cfg.type, "layers": run.choice.layers,
         "steps": state.step, "tokens": state.tokens, "epochs": state.tokens / run.plan.rows_per_epoch,
         "train_seconds": state.train_seconds,
+        "precision": precision_record(t.dtype, compute_dtype(t.dtype, run.device, model.bf16_auto)),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "heldout": heldout,
         "threshold_calibration": calibration,

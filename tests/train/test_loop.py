@@ -28,12 +28,12 @@ from train.loop import (
     Stepper,
     TrainState,
     batch_metrics,
-    bf16_autocast_available,
     run_loop,
     train_step,
 )
 from train.metrics import read_metrics
 from train.plan import plan_run
+from train.precision import bf16_autocast_available
 from train.run import TrainError, heldout_summary, train
 from train.schedule import make_lr_schedule
 from train.tensor_loader import TensorLoader

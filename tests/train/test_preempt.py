@@ -30,6 +30,17 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_checkpoints_the_step_and_the_resume_is_exact(tiny_cache, tmp_path, sig):
+    # The suite may run as a background job, where the shell starts it with SIGINT ignored (and an
+    # ignored signal stays ignored, by design): give the signal its usual handler for this test.
+    usual = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    before = signal.signal(sig, usual)
+    try:
+        _signal_checkpoints_the_step(tiny_cache, tmp_path, sig, usual)
+    finally:
+        signal.signal(sig, before)
+
+
+def _signal_checkpoints_the_step(tiny_cache, tmp_path, sig, usual):
     train(tiny_config(tiny_cache, tmp_path, "full"))
 
     def signal_at_17(state):
@@ -43,7 +54,7 @@ def test_a_signal_checkpoints_the_step_and_the_resume_is_exact(tiny_cache, tmp_p
     assert message.startswith(f"stopped by {signal.Signals(sig).name} after step 17: checkpoint step-00000017")
     assert "--resume" in message
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")][-1] == "step-00000017"
-    assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # handlers given back
+    assert signal.getsignal(sig) is usual  # the handler given back
     result = train(tiny_config(tiny_cache, tmp_path, "stopped", resume=True))
     assert result.state.step == 40
     full = load_file(str(tmp_path / "full" / "sae" / "sae.safetensors"))
@@ -72,3 +83,17 @@ def test_the_cli_exits_128_plus_signum_with_the_resume_line(tiny_cache, tmp_path
     assert f"checkpoint step-{step:08d} written" in line and "--resume" in line
     state = json.loads((list_checkpoints(tmp_path / "run")[-1] / "state.json").read_text())
     assert state["step"] == step >= 10
+
+
+def test_a_signal_ignored_at_start_stays_ignored(tiny_cache, tmp_path):
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+    try:
+        def interrupt_at_5(state):
+            if state.step == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        result = train(tiny_config(tiny_cache, tmp_path, "bg"), after_step=[interrupt_at_5])
+        assert result.state.step == 40  # ran to its end
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
