@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -20,7 +20,7 @@ from cache import Cache
 from cache.names import HELDOUT
 from sae import BaseSAE
 from sae.measure import measure
-from settings import Config, ConfigError, save_config, to_dict
+from settings import Config, ConfigError, TrainingConfig, save_config, to_dict
 from settings.device import resolve_device
 from train.build import (
     BuildError,
@@ -91,11 +91,24 @@ class _Run:
         return self.dp is None or self.dp.is_main
 
 
+LoaderFactory = Callable[[Cache, LayerChoice, TrainingConfig], Any]
+
+
+def activation_loader(data: Cache, choice: LayerChoice, t: TrainingConfig) -> ActivationLoader:
+    """The run's batches: every rank plans the same global batches (RankLoader hands each its rows)."""
+    return ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed, buffer_rows=t.shuffle_buffer_rows)
+
+
 def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (),
-          say: Callable[[str], None] | None = None) -> RunResult:
-    """Run training as `cfg` says (`training.resume` / `training.overwrite` included)."""
+          say: Callable[[str], None] | None = None, loader: LoaderFactory = activation_loader,
+          dp: DataParallel | None | Literal["env"] = "env") -> RunResult:
+    """Run training as `cfg` says (`training.resume` / `training.overwrite` included).
+
+    `loader` makes the batch source (a sweep feeds its members from one shared pass); `dp` is the
+    process group to train data-parallel in: "env" joins the one torchrun describes (and leaves it
+    at the end), an explicit one or None is the caller's to manage."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
-    run = _setup(cfg)
+    run = _setup(cfg, loader, dp)
     if not run.is_main:
         say = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
     try:
@@ -114,14 +127,15 @@ def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (
         raise
     finally:
         run.loader.close()
-    if run.dp is not None:
+    if run.dp is not None and dp == "env":
         run.dp.close()
     if run.is_main:
         say(f"done: {run.run_dir} (held-out FVU {summary['heldout']['fvu']}, L0 {summary['heldout']['l0']})")
     return RunResult(run.run_dir, state, summary)
 
 
-def _setup(cfg: Config) -> _Run:
+def _setup(cfg: Config, make_loader: LoaderFactory = activation_loader,
+           dp: DataParallel | None | Literal["env"] = "env") -> _Run:
     t = cfg.training
     data = open_training_cache(t.cache)
     try:
@@ -132,12 +146,11 @@ def _setup(cfg: Config) -> _Run:
         raise TrainError(str(e)) from e
     device = resolve_device(t.device, key="training.device")
     notes = dtype_notes(t.dtype, device)
-    dp = DataParallel.start(device)
+    if dp == "env":
+        dp = DataParallel.start(device)
     if dp is not None:
         device = dp.device(device)
-    # Every rank plans the same global batches; RankLoader hands each its rows of them.
-    loader = ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed,
-                              buffer_rows=t.shuffle_buffer_rows)
+    loader = make_loader(data, choice, t)
     plan = plan_run(t, loader.rows_per_epoch, loader.batches_per_epoch)
     if dp is not None:
         try:
@@ -276,6 +289,7 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "run": run.run_dir.name, "sae_type": model.cfg.type, "layers": run.choice.layers,
         "steps": state.step, "tokens": state.tokens, "epochs": state.tokens / run.plan.rows_per_epoch,
         "train_seconds": state.train_seconds,
+        "cache_bytes_read": getattr(run.loader, "bytes_read", None),  # by this process's loader, for batches
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "heldout": heldout,
         "threshold_calibration": calibration,
