@@ -91,9 +91,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, *, resume: 
         key = item.split("=", 1)[0].strip()
         if key in varied:
             raise SweepError(f"{path}: the command line sets {key}, which the sweep varies; drop it, or edit the sweep")
-        if key in OWNED:
+        if key in OWNED and key != "training.output_dir":  # the root: members go to <output_dir>/<sweep>/
             raise SweepError(f"{path}: {key} is set by the sweep for each member (runs/<sweep>/<member>); "
-                             "set training.output_dir in the sweep's base.overrides instead")
+                             "use --resume / --overwrite (RESUME=1 / OVERWRITE=1) for every member")
     members: list[Member] = []
     for (entry_name, entry), point in itertools.product(entries, points):
         variation = {**entry, **point}
