@@ -7,7 +7,7 @@
 #   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make sweep SWEEP=configs/sweeps/<name>.yaml [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #                                  many SAEs in one pass over the cache, into runs/<sweep>/<member>/
-#   make evaluate [RUN=runs/<run>]
+#   make evaluate [RUN=runs/<run>]       RUN=runs/<sweep>: every member of a sweep, then their comparison
 # Arguments of the form section.key=value (e.g. training.lr=1e-4) are passed to the program as
 # config overrides.
 

@@ -25,13 +25,14 @@ import durable
 from settings.device import resolve_device
 from train.build import BuildError, LayerChoice, check_d_in, resolve_layers
 from train.distributed import DataParallel, env_world_size
+from train.layout import SWEEP_SUMMARY_FILE
 from train.loop import TrainState
 from train.run import TrainError, open_training_cache, user_errors
 from train.sweep.memory import Estimate, estimate
 from train.sweep.onepass import OnePass, Outcome
 from train.sweep.spec import Sweep, SweepError
 
-SUMMARY_FILE = "sweep_summary.json"
+SUMMARY_FILE = SWEEP_SUMMARY_FILE
 
 
 @dataclass
