@@ -190,3 +190,30 @@ def test_a_member_whose_loss_goes_non_finite_stops_alone(tmp_path, base, monkeyp
         assert (out / m / "sae" / "sae.safetensors").is_file()
     monkeypatch.setattr(onepass.OnePass, "_rows_for", rows_for)
     _assert_same_run(out / "gated", _solo(out / "gated", tmp_path / "solo", "gated"))
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+def test_a_sweep_that_would_not_fit_is_refused_before_it_starts_with_the_estimate(tmp_path, base, monkeypatch,
+                                                                                   capsys):
+    from train.sweep import memory
+
+    sweep = load_sweep(_sweep_file(tmp_path, base, MIXED))
+    data_d, batch, buffer_rows = 16, 128, 512
+    # By hand: TopK/Gated parameters; 4 copies (weights, gradients, Adam's two moments) in float32, plus
+    # each member's [B, d] batch; one step's 3 [B, d_sae]; the reader's 2 buffers and 2 batches of 2 layers.
+    topk = 2 * data_d * 64 + 64 + data_d
+    gated = topk + 2 * 64  # b_gate, r_mag and b_mag beside b_enc's place
+    members = 4 * 4 * (2 * topk + gated) + 3 * 4 * batch * data_d
+    step = 3 * 4 * batch * 64
+    reader = (2 * buffer_rows * 4 + 2 * batch * 4) * 2 * data_d
+    from train.sweep.run import check_memory, plan_layers
+
+    data, choices = plan_layers(sweep)
+    est = check_memory(sweep, data, choices, torch.device("cpu"))
+    assert (est.members, est.step, est.reader) == (members, step, reader)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: est.total - 1)
+    with pytest.raises(SweepError, match=r"would not fit on cpu: estimated .* GiB .* free on the device"):
+        run_sweep(sweep)
+    assert not (tmp_path / "runs").exists()  # refused before any run folder
+    assert sweep_main([str(_sweep_file(tmp_path, base, MIXED))]) == 1
+    assert "would not fit" in capsys.readouterr().err
