@@ -4,6 +4,8 @@ a member that diverges alone, and the CLI."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,16 +147,22 @@ def test_each_member_ends_bitwise_equal_to_its_solo_run_and_batches_are_read_onc
     assert summary["cache_bytes_read"] <= 3 * solo
 
 
-def test_resume_after_a_kill_resumes_every_member_bitwise(tmp_path, base):
+@pytest.mark.parametrize("how", ["a member raises", "Ctrl-C while the reader waits"])
+def test_resume_after_a_kill_resumes_every_member_bitwise(tmp_path, base, how):
     full = load_sweep(_sweep_file(tmp_path, base, MIXED, name="full"))
     run_sweep(full)
+    stop = Killed if how == "a member raises" else KeyboardInterrupt
 
     def kill(member, state):
         if member == "topk8" and state.step == 25:  # after every member's checkpoint at step 20
-            raise Killed
+            if stop is Killed:
+                raise Killed
+            # SIGINT reaches the main thread (the reader, waiting for this member's turn to end); the
+            # member finishes its step, and the sweep stops every member where it next waits.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     killed = _sweep_file(tmp_path, base, MIXED, name="killed")
-    with pytest.raises(Killed):
+    with pytest.raises(stop):
         run_sweep(load_sweep(killed), after_step=kill)
     out = tmp_path / "runs" / "killed"
     for m in ("topk", "topk8", "gated"):

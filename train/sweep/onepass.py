@@ -192,8 +192,8 @@ class OnePass:
             if it is not None:
                 it.close()  # type: ignore[attr-defined]
             if self._abort:
-                for m in self.members:  # each raises SweepAborted where it waits, and ends
-                    if not m.ended:
+                for m in self.members:  # each raises SweepAborted where it next waits, and ends
+                    while not m.ended:  # (one still mid-step when a Ctrl-C came first finishes the step)
                         self._run_member(m)
             for th in threads:
                 th.join()
