@@ -10,6 +10,7 @@ run and before the sweep, so that every pass reads the cache from the disk.
 
     flock /work/bench.lock .venv/bin/python bench/bench_sweep.py --cache /work/caches/minilm-default --steps 100
     flock /work/bench.lock .venv/bin/python bench/bench_sweep.py --cache /work/caches/minilm-default --steps 100 --cold
+    flock /work/bench.lock .venv/bin/python bench/bench_sweep.py --steps 50 --sweep-around   # sweep, 8 solo, sweep
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/work/scratch-sweep/bench"))
     p.add_argument("--cold", action="store_true", help="drop the page cache before every process")
     p.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    p.add_argument("--sweep-around", action="store_true",
+                   help="run the sweep before and after the solo runs (drift in the machine's load cancels in "
+                        "their mean)")
     args = p.parse_args()
     common = [f"training.cache={args.cache}", f"training.steps={args.steps}"]
     sweep = load_sweep(SWEEP, common + [f"training.output_dir={args.out}"], overwrite=True)
@@ -69,6 +73,11 @@ def main() -> int:
           f"{'cold' if args.cold else 'warm'} page cache; load average before {load[0]:.2f}. The machine is "
           "shared: other helpers may have used the CPU during the run; compare the ratios.", flush=True)
     solo_dir = args.out / "solo"
+    cmd = [PY, "-m", "train.sweep", str(SWEEP), "--overwrite", *common, f"training.output_dir={args.out}"]
+    sweep_runs = []
+    if args.sweep_around:
+        sweep_runs.append(timed(cmd, args.cold))
+        print(f"  sweep (before): {sweep_runs[-1]:.1f} s", flush=True)
     solo_seconds = []
     for m in sweep.members:
         cmd = [PY, "-m", "train", "--model", "topk", "--config", "configs/default.yaml", "--overwrite", *common,
@@ -76,9 +85,9 @@ def main() -> int:
                *(override(k, v) for k, v in m.variation.items())]
         solo_seconds.append(timed(cmd, args.cold))
         print(f"  solo {m.name}: {solo_seconds[-1]:.1f} s", flush=True)
-    cmd = [PY, "-m", "train.sweep", str(SWEEP), "--overwrite", *common, f"training.output_dir={args.out}"]
-    sweep_seconds = timed(cmd, args.cold)
-    print(f"  sweep: {sweep_seconds:.1f} s", flush=True)
+    sweep_runs.append(timed(cmd, args.cold))
+    print(f"  sweep{' (after)' if args.sweep_around else ''}: {sweep_runs[-1]:.1f} s", flush=True)
+    sweep_seconds = sum(sweep_runs) / len(sweep_runs)
 
     equal = {}
     solo_bytes = 0
@@ -93,12 +102,13 @@ def main() -> int:
     result = {
         "cache": args.cache, "steps": args.steps, "cold": args.cold, "members": len(sweep.members),
         "bitwise_equal": equal, "solo_seconds": solo_seconds, "solo_total_s": sum(solo_seconds),
-        "sweep_s": sweep_seconds, "wall_ratio": sweep_seconds / sum(solo_seconds),
+        "sweep_s": sweep_seconds, "sweep_runs_s": sweep_runs, "wall_ratio": sweep_seconds / sum(solo_seconds),
         "solo_bytes": solo_bytes, "sweep_bytes": sweep_bytes, "bytes_ratio": sweep_bytes / solo_bytes,
         "heldout": fvu, "load_before": load[0], "load_after": os.getloadavg()[0],
     }
     print(f"every member bitwise equal to its solo run: {all(equal.values())} ({sum(equal.values())}/{len(equal)})")
-    print(f"wall: sweep {sweep_seconds:.1f} s, 8 solo runs {sum(solo_seconds):.1f} s, ratio {result['wall_ratio']:.3f}")
+    print(f"wall: sweep {sweep_seconds:.1f} s (mean of {[round(s, 1) for s in sweep_runs]}), "
+          f"8 solo runs {sum(solo_seconds):.1f} s, ratio {result['wall_ratio']:.3f}")
     print(f"cache bytes read: sweep {sweep_bytes / 1e9:.3f} GB, solo runs {solo_bytes / 1e9:.3f} GB, "
           f"ratio {result['bytes_ratio']:.4f}")
     print(f"load average after {result['load_after']:.2f}")
