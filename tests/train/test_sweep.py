@@ -225,3 +225,12 @@ def test_a_sweep_that_would_not_fit_is_refused_before_it_starts_with_the_estimat
     assert not (tmp_path / "runs").exists()  # refused before any run folder
     assert sweep_main([str(_sweep_file(tmp_path, base, MIXED))]) == 1
     assert "would not fit" in capsys.readouterr().err
+
+
+def test_members_of_one_layer_share_the_loaders_one_layer_form_and_equal_their_solo_runs(tmp_path, base):
+    sweep = load_sweep(_sweep_file(tmp_path, base, "grid:\n  model.k: [4, 8]\n"))
+    result = run_sweep(sweep)
+    assert [o.status for o in result.outcomes] == ["done", "done"] and result.batches_read == 40
+    for m in sweep.members:
+        member_dir = sweep.output_dir / m.name
+        _assert_same_run(member_dir, _solo(member_dir, tmp_path / "solo", m.name))

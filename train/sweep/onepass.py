@@ -141,8 +141,9 @@ class OnePass:
     def _ensure_reader(self, data: Cache, t: Any) -> None:
         # The first member to ask opens the reader; the members agree on its settings (sweep.spec.SHARED).
         if self.reader is None:
-            self.reader = ActivationLoader(data, self.reader_layers, t.batch_size, seed=t.seed,
-                                           buffer_rows=t.shuffle_buffer_rows)
+            # One layer: the loader's [B, d] form, whose copies are faster than the stacked one's.
+            layers = self.reader_layers[0] if len(self.reader_layers) == 1 else self.reader_layers
+            self.reader = ActivationLoader(data, layers, t.batch_size, seed=t.seed, buffer_rows=t.shuffle_buffer_rows)
 
     def _run_member(self, member: _Member) -> None:
         """Give `member` the turn; return when it waits for a batch or has ended."""
@@ -202,8 +203,11 @@ class OnePass:
         return [m.outcome or Outcome(m.name, "aborted", reason="not run") for m in self.members]
 
     def _rows_for(self, member: _Member, x: torch.Tensor) -> torch.Tensor:
-        """The member's layers of the shared batch x [B, L_all, d], as its own loader gives them."""
+        """The member's layers of the shared batch x [B, L_all, d] (or [B, d]: one layer), as its own
+        loader gives them; a copy, so that no member can change another's batch."""
         assert member.layers is not None
+        if x.dim() == 2:
+            x = x[:, None]
         idx = [self.reader_layers.index(layer) for layer in member.layers]
         if member.stacked:
             return x[:, idx].contiguous()
