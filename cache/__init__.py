@@ -11,7 +11,7 @@ cache folder: create, continue, replace, refuse, remove; harvest only asks it), 
 """
 
 from .names import FORMAT_VERSION
-from .reader import Cache, ShardInfo, open_cache
+from .reader import Cache, DamagedShardError, ShardInfo, open_cache
 from .stats import LayerStats
 from .verify import NotACacheError, VerifyReport, verify, verify_report
 from .writer import CacheWriter
@@ -22,6 +22,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Cache",
     "CacheWriter",
+    "DamagedShardError",
     "LayerStats",
     "NotACacheError",
     "ShardInfo",

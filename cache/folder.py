@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import durable
+from durable.lock import is_lock_file
 
 from . import manifest, shardio
 from .checksum import shard_size
@@ -127,7 +128,8 @@ def open_for_writing(folder: Path, requested: dict, overwrite: bool) -> tuple[di
     folder.mkdir(parents=True, exist_ok=True)
     fresh = (requested, {s: SplitStats(requested["layers"], requested["d_model"]) for s in SPLITS})
     if not (folder / MANIFEST).exists():
-        foreign = sorted(e.name for e in folder.iterdir() if not e.name.startswith(TMP_PREFIX))
+        foreign = sorted(e.name for e in folder.iterdir()
+                         if not e.name.startswith(TMP_PREFIX) and not is_lock_file(e.name))
         if foreign:
             raise ValueError(f"{folder} is not empty and holds no cache (no {MANIFEST}; it holds "
                              f"{', '.join(foreign[:5])}...); refusing to touch it: choose a new or empty folder")
@@ -194,7 +196,8 @@ def survey(path: Path, requested: dict) -> Survey:
             damaged = str(exc)
     ranks = {int(mt.group(1)): e for e in path.iterdir() if (mt := RANK_RE.match(e.name)) and e.is_dir()}
     foreign = sorted(e.name for e in path.iterdir()
-                     if not is_cache_file(e.name) and e.name != MERGE_PLAN and e not in ranks.values())
+                     if not is_cache_file(e.name) and not is_lock_file(e.name)  # a nested folder's lock
+                     and e.name != MERGE_PLAN and e not in ranks.values())
     diffs = identity_diff(m, requested) if m is not None else []
     return Survey(path, m, damaged, diffs, ranks, (path / MERGE_PLAN).is_file(), foreign)
 

@@ -15,7 +15,7 @@ import torch
 
 from . import manifest as manifest_mod
 from . import shardio
-from .checksum import shard_size
+from .checksum import hash_shard, shard_size
 from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
 from .stats import LayerStats, from_manifest
 
@@ -35,6 +35,10 @@ def _index(value: Any) -> int | None:
 MAX_OPEN_SHARDS = 64
 
 
+class DamagedShardError(ValueError):
+    """A shard whose bytes do not match its checksum in the manifest; the message names it."""
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     name: str
@@ -47,11 +51,17 @@ class ShardInfo:
 
 
 class Cache:
-    """A validated, read-only cache folder. Use open_cache() to get one."""
+    """A validated, read-only cache folder. Use open_cache() to get one.
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    `verify_reads`: hash each shard (xxh3, its manifest checksum) the first time this object maps it,
+    in the thread that reads it (the training loader's background thread), and raise
+    DamagedShardError on a mismatch. Off by default; training and evaluation turn it on
+    (`training.verify_reads`)."""
+
+    def __init__(self, path: Path, manifest: dict, manifest_bytes: bytes | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self._manifest_bytes = manifest_bytes  # as read at open: `changed()` compares against it
         self.identity: dict = manifest["identity"]
         self.metadata: dict = manifest["metadata"]
         self.layers: list[int] = list(manifest["layers"])
@@ -65,6 +75,8 @@ class Cache:
                             for i, e in enumerate(manifest["shards"][s])] for s in SPLITS}
         self._open: OrderedDict[tuple[str, int], shardio.ShardReader] = OrderedDict()
         self._lock = threading.Lock()
+        self.verify_reads = False
+        self._verified: set[tuple[str, int]] = set()  # shards hashed once: an evicted map reopens unhashed
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{s}={self.num_rows(s)}" for s in SPLITS)
@@ -98,12 +110,27 @@ class Cache:
         with self._lock:
             reader = self._open.pop((split, shard), None)
             if reader is None:
+                if self.verify_reads and (split, shard) not in self._verified:
+                    self._verify(info)
+                    self._verified.add((split, shard))
                 reader = shardio.open_shard(self.path / info.name, self.backend)
                 self._check_shard(info, reader)
             self._open[(split, shard)] = reader
             while len(self._open) > MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)
         return info, reader
+
+    def _verify(self, info: ShardInfo) -> None:
+        try:
+            size, digest = hash_shard(self.path / info.name)
+        except OSError as e:
+            raise DamagedShardError(f"shard {info.name} of {self.path} cannot be read ({e}); run "
+                                    f"`python -m cache verify {self.path}`") from e
+        if (size, digest) != (info.bytes, info.xxh3):
+            raise DamagedShardError(
+                f"shard {info.name} of {self.path} does not match its checksum in the manifest (xxh3 {digest}, "
+                f"expected {info.xxh3}): the cache is damaged; run `python -m cache verify {self.path}`, then "
+                f"rebuild it (make harvest OVERWRITE=1), or set training.verify_reads=false to read it anyway")
 
     def _check_shard(self, info: ShardInfo, reader: shardio.ShardReader) -> None:
         expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
@@ -181,6 +208,20 @@ class Cache:
             raise ValueError(f"layer {layer} has mean norm {mean_norm} on train; cannot normalise")
         return math.sqrt(self.d_model) / mean_norm
 
+    def changed(self) -> str | None:
+        """Why the cache on disk is no longer the one opened (its manifest rewritten or gone), or None.
+        A reader holding the cache's shared lock never sees this; a writer on another host of a
+        filesystem without shared locks, or one that ignored the lock, can cause it."""
+        if self._manifest_bytes is None:
+            return None
+        try:
+            now = (self.path / MANIFEST).read_bytes()
+        except OSError:
+            return f"its {MANIFEST} is gone"
+        if now != self._manifest_bytes:
+            return f"its {MANIFEST} was rewritten (overwritten, extended or resumed by a harvest)"
+        return None
+
     def close(self) -> None:
         """Drop the open shard maps (tensors already returned keep their own map alive)."""
         with self._lock:
@@ -198,6 +239,7 @@ def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"{folder} is not a cache: no {MANIFEST}; run make harvest to create it")
+    before = (folder / MANIFEST).read_bytes()
     m = manifest_mod.load(folder)
     n_shards = sum(len(m["shards"][s]) for s in SPLITS)
     if not m["complete"] and not allow_incomplete:
@@ -210,6 +252,6 @@ def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
                 state = "is missing" if size is None else f"has {size} bytes, the manifest says {e['bytes']}"
                 raise ValueError(f"cache at {folder}: shard {e['name']} {state}; run python -m cache verify "
                                  f"{folder}, then rerun make harvest (OVERWRITE=1 to rebuild)")
-    return Cache(folder, m)
+    return Cache(folder, m, before)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from durable import describe_os_error
+from durable import lock as durable_lock
 
 from . import folder as folder_mod
 from . import manifest, shardio
@@ -112,7 +113,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, *, layers: list[int], d_model: int, dtype: str, shard_rows: int,
                  identity: dict, metadata: dict, backend: str = "safetensors", overwrite: bool = False,
                  zarr_compression: str | None = None, async_write: bool = False, workers: int | None = None,
-                 max_inflight: int | None = None, max_uncommitted: int | None = None) -> None:
+                 max_inflight: int | None = None, max_uncommitted: int | None = None, lock: bool = True) -> None:
         self._check_args(layers, d_model, dtype, shard_rows, backend, zarr_compression, identity, metadata)
         workers = default_workers() if workers is None else _check_int("workers", workers)
         if workers < 1:
@@ -138,7 +139,16 @@ class CacheWriter:
             metadata=folder_mod.json_roundtrip(metadata, "metadata"), layers=self.layers,
             d_model=d_model, dtype=dtype, backend=backend, shard_rows=shard_rows,
             zarr_compression=zarr_compression)
-        self._manifest, self._totals = folder_mod.open_for_writing(self.path, requested, overwrite)
+        # One writer per folder (durable.lock): a second one, or a writer against a training reading
+        # the cache, is refused here naming the holder, before anything in the folder is touched.
+        # lock=False: the caller holds the folder, or its job does (a distributed harvest's rank folders).
+        self._folder_lock = durable_lock.exclusive(self.path, "cache") if lock else None
+        try:
+            self._manifest, self._totals = folder_mod.open_for_writing(self.path, requested, overwrite)
+        except BaseException:
+            if self._folder_lock is not None:
+                self._folder_lock.release()
+            raise
         self._text = manifest.ManifestText()
         self._lock = threading.Lock()
         self._buffers = Buffers(shard_rows, len(self.layers), d_model, self._stored, TOKEN_FIELDS,
@@ -385,7 +395,11 @@ class CacheWriter:
         if self._closed:
             return
         self._closed = True
-        self._pipeline.close()
+        try:
+            self._pipeline.close()
+        finally:
+            if self._folder_lock is not None:
+                self._folder_lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self

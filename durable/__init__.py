@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,42 @@ def _json_default(value: object) -> object:
     if callable(tolist):
         return tolist()
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Libraries that do their own I/O (safetensors' Rust writer raises SafetensorError, not OSError) keep the
+# OS's text in their message: "No space left on device (os error 28)".
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) says the disk or the quota is full."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(exc).lower() for t in _FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+def write_via(final: Path, write: Callable[[Path], object]) -> Path:
+    """Let a library write a file (`write(tmp)`: safetensors, matplotlib), then publish it as `final`.
+    On any failure the temporary is removed and `final` is untouched; a full disk, however the library
+    reports it, becomes OSError(ENOSPC) naming `final`."""
+    final = Path(final)
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    try:
+        write(tmp)
+        publish(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e) and not (isinstance(e, OSError) and e.errno in _FULL_ERRNOS):
+            raise OSError(errno.ENOSPC, f"disk full while writing {final} ({e})") from e
+        raise
+    return final
 
 
 def describe_os_error(exc: OSError, what: str) -> OSError:

@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk while writing eval.json, plots, the dashboard or an export
+        import durable
+
+        what = "disk full" if durable.is_disk_full(e) else "could not write"
+        print(f"error: {what}: {' '.join(str(e).split())}; free space and rerun (nothing half-written is kept)",
+              file=sys.stderr)
+        return 1
 
 
 def _evaluate(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import durable
 from sae import load_sae
 from train.layout import EVAL_FILE
 
@@ -44,13 +45,14 @@ def export_saelens(sae_dir: str | Path, out: str | Path, density: list[float] | 
     cfg.update(extra)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
-    (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    weights = {k: v.contiguous() for k, v in tensors.items()}
+    durable.write_via(out / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
+    durable.atomic_write_text(out / CFG_FILE, json.dumps(cfg, indent=2))
     if density is None:
         density = _density_from_eval(Path(sae_dir).parent / EVAL_FILE)
     if density is not None:
         logd = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in density], dtype=torch.float32)
-        save_file({"sparsity": logd}, str(out / SPARSITY_FILE))
+        durable.write_via(out / SPARSITY_FILE, lambda tmp: save_file({"sparsity": logd}, str(tmp)))
     return out
 
 

@@ -122,8 +122,7 @@ def write_run_plots(run_dir: Path, result: dict) -> list[Path]:
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    durable.publish(tmp, out)
-    return out
+    try:
+        return durable.write_via(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import cache
 import durable
 from cache import Cache
+from durable import lock as durable_lock
 from evaluate.heldout import heldout_metrics
 from sae import BaseSAE, load_sae
 from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
@@ -53,6 +54,7 @@ def open_run_cache(meta: dict, cfg: Config) -> Cache:
     """The cache the SAE was trained on; refuses one whose identity differs from the recorded one."""
     path = meta.get("cache") or cfg.training.cache
     c = cache.open(path)
+    c.verify_reads = cfg.training.verify_reads
     recorded = meta.get("cache_identity")
     if recorded is not None and recorded != c.identity:
         differing = sorted(k for k in set(recorded) | set(c.identity) if recorded.get(k) != c.identity.get(k))
@@ -61,15 +63,35 @@ def open_run_cache(meta: dict, cfg: Config) -> Cache:
     return c
 
 
+class FolderBusy(ValueError):
+    """The run folder or its cache is held by another process (durable.lock); the message names it."""
+
+
 def evaluate_run(run_dir: str | Path, cfg: Config, *, downstream: bool = True, plots: bool = True,
                  dashboard: bool = True, device: str = "cpu") -> dict:
-    """Evaluate `run_dir` and write eval.json (and plots, dashboard). Returns the eval.json content."""
+    """Evaluate `run_dir` and write eval.json (and plots, dashboard). Returns the eval.json content.
+    Holds the run folder (it writes there) and, for reading, the cache while it runs."""
     run_dir = Path(run_dir)
+    try:
+        with durable_lock.exclusive(run_dir, "run folder"):
+            return _evaluate_held(run_dir, cfg, downstream, plots, dashboard, device)
+    except durable_lock.LockHeld as e:
+        raise FolderBusy(str(e)) from None
+
+
+def _evaluate_held(run_dir: Path, cfg: Config, downstream: bool, plots: bool, dashboard: bool,
+                   device: str) -> dict:
     sae, meta = load_sae(run_dir / SAE_DIR, device=device)
     sae.eval()  # every metric, the splice and the dashboard use the SAE's inference mode
     if not sae.cfg.layers and meta.get("layers"):
         sae.cfg.layers = list(meta["layers"])
     c = open_run_cache(meta, cfg)
+    with durable_lock.shared(c.path, "cache"):
+        return _evaluate_on(run_dir, cfg, sae, meta, c, downstream, plots, dashboard, device)
+
+
+def _evaluate_on(run_dir: Path, cfg: Config, sae: BaseSAE, meta: dict, c: Cache, downstream: bool, plots: bool,
+                 dashboard: bool, device: str) -> dict:
     ev = cfg.evaluate
     t0 = time.time()
     result = {

@@ -4,14 +4,17 @@ Under `torchrun --nproc-per-node N -m harvest ...` (WORLD_SIZE > 1) the processe
 rank 0 merges their caches into one (harvest.distributed); an error line then names the rank.
 
 Exit codes: 0 done (also when the cache was already complete), 1 failure while running (disk full,
-I/O error), 2 bad input (config, model path, layers, text source, a different cache in the way),
-130 interrupted. Errors are one line on stderr; a rerun resumes whatever was committed.
+I/O error), 2 bad input (config, model path, layers, text source, a different cache in the way, a
+cache held by another process), 128 + signal number when stopped by SIGINT (130), SIGTERM (143) or
+SIGUSR1 (138): every complete shard is committed first. Errors are one line on stderr; a rerun
+resumes whatever was committed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,7 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 (a scheduler's warning), raised where the harvest is, so that it unwinds as on
+    Ctrl-C: the writer commits every shard already complete and drops the rest."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     from harvest.distributed import harvest_distributed, world_from_env
     from harvest.errors import TextError
@@ -57,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), 2)
     except OSError as e:  # disk full and other I/O errors, already described by the cache writer
         return _fail(str(e) or type(e).__name__, 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted; rerun the same command to resume", 130)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        return _fail(f"stopped by {signal.Signals(signum).name}; every complete shard is committed: rerun the "
+                     f"same command to resume", 128 + signum)
     if os.environ.get("RANK", "0") == "0":  # every rank holds the same summary
         for line in summary.lines():
             print(line)

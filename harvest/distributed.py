@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -39,6 +40,7 @@ from harvest.run import (
     _Run,
     _summary,
     harvest,
+    hold_output,
     plan_segment,
     requested_manifest,
 )
@@ -74,7 +76,25 @@ def harvest_distributed(cfg: Config, *, progress: bool = True) -> HarvestSummary
     t0 = time.perf_counter()
     run = _prepare(cfg)
     out = Path(cfg.harvest.output)
-    decision: list[tuple[str, str | None] | None] = [_settle_or_error(cfg, run, out, world) if rank == 0 else None]
+    # One holder per job: rank 0 holds <cache> from its decision to the end of the merge; each rank's
+    # writer holds only its own rank-<r>/ folder.
+    held = contextlib.ExitStack()
+    if rank == 0:
+        try:
+            held.enter_context(hold_output(out))
+        except HarvestError as e:
+            decision_error: str | None = str(e)
+        else:
+            decision_error = None
+    with held:
+        return _harvest_ranks(cfg, run, out, rank, world, local_rank, t0, progress,
+                              decision_error if rank == 0 else None)
+
+
+def _harvest_ranks(cfg: Config, run: _Run, out: Path, rank: int, world: int, local_rank: int, t0: float,
+                   progress: bool, refused: str | None) -> HarvestSummary:
+    mine = (("error", refused) if refused else _settle_or_error(cfg, run, out, world)) if rank == 0 else None
+    decision: list[tuple[str, str | None] | None] = [mine]
     dist.broadcast_object_list(decision, src=0)
     status, error = decision[0] or ("error", "no decision from rank 0")
     if error is not None:
@@ -85,7 +105,7 @@ def harvest_distributed(cfg: Config, *, progress: bool = True) -> HarvestSummary
         return _done(out, status, world, 0, t0, 0.0)
     part = _rank_config(cfg, rank, world, local_rank)
     own = harvest(part, progress=progress and rank == 0, owns=window_owner(rank, world, cfg.harvest.shuffle_window),
-                  extra_metadata={DISTRIBUTED_KEY: {"rank": rank, "world_size": world}})
+                  extra_metadata={DISTRIBUTED_KEY: {"rank": rank, "world_size": world}}, hold=False)
     results: list[tuple[str, int, float]] = [("", 0, 0.0)] * world
     dist.all_gather_object(results, (own.status, own.new_rows, own.loop_seconds))
     if rank == 0:

@@ -17,6 +17,7 @@ crash during an extension resumes the extension, and `finish` records what it co
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
@@ -33,6 +34,7 @@ import cache
 from cache import folder
 from cache import manifest as manifest_mod
 from cache.names import SPLITS
+from durable import lock as durable_lock
 from harvest import text
 from harvest.capture import WindowSink, compute_window
 from harvest.identity import build_identity, build_metadata
@@ -177,14 +179,38 @@ def harvest_stream(lm: LoadedModel, sequences: Iterable[PackedSequence], writer:
 
 
 def harvest(cfg: Config, *, progress: bool = True, owns: Callable[[str, int], bool] | None = None,
-            extra_metadata: dict | None = None) -> HarvestSummary:
+            extra_metadata: dict | None = None, hold: bool = True) -> HarvestSummary:
     """Run stage 1 for `cfg` (a settings.Config): fresh, resumed, extended or a no-op. An existing
     cache with the same identity is continued even with `harvest.overwrite` (overwrite only permits
     replacing a *different* cache). `owns` and `extra_metadata` serve a distributed rank
-    (harvest.distributed): only the windows it owns are harvested, and the metadata says so."""
+    (harvest.distributed): only the windows it owns are harvested, and the metadata says so; `hold=False`
+    leaves the output unlocked (a rank's folder: rank 0 holds the job's cache)."""
     t0 = time.perf_counter()
     run = _prepare(cfg)
     out = Path(cfg.harvest.output)
+    with hold_output(out) if hold else contextlib.nullcontext():
+        return _harvest_locked(cfg, run, out, t0, progress, owns, extra_metadata)
+
+
+@contextlib.contextmanager
+def hold_output(out: Path) -> Iterator[None]:
+    """Hold the output cache for writing for the whole harvest (durable.lock): a second harvest, or one
+    against a training reading this cache, is refused at once naming the holder; OVERWRITE=1 does not
+    break the lock."""
+    try:
+        lock = durable_lock.exclusive(out, "cache")
+    except durable_lock.LockHeld as e:
+        raise HarvestError(f"harvest.output: {e}") from None
+    try:
+        for note in lock.notes:
+            print(f"harvest: {note}", file=sys.stderr)
+        yield
+    finally:
+        lock.release()
+
+
+def _harvest_locked(cfg: Config, run: _Run, out: Path, t0: float, progress: bool,
+                    owns: Callable[[str, int], bool] | None, extra_metadata: dict | None) -> HarvestSummary:
     try:  # the cache package decides, before a large model is loaded for nothing
         action = folder.plan_write(folder.survey(out, requested_manifest(run, cfg.harvest)),
                                    overwrite=cfg.harvest.overwrite)
@@ -225,7 +251,7 @@ def _run_segments(cfg: Config, lm: LoadedModel, run: _Run, out: Path, seg: Segme
         writer = cache.CacheWriter(out, layers=run.layers, d_model=run.d_model, dtype=dtype_name(run.store_dtype),
                                    shard_rows=hv.shard_rows, identity=run.identity, metadata=metadata,
                                    backend=hv.backend, overwrite=overwrite, zarr_compression=hv.zarr_compression,
-                                   async_write=True)
+                                   async_write=True, lock=False)  # harvest() holds `out` itself
         overwrite = False
         try:
             if any(writer.resume_point(s) != _cursor(committed, s) for s in SPLITS):

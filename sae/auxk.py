@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sae.collective import GlobalBatch
-from sae.selection import select_dead_topk
+from sae.selection import select_dead_topk, select_dead_topk_masked
 from sae.sparse_decode import decode_selected, gather_preacts
 
 
@@ -27,23 +27,35 @@ def auxk_loss(
     dead_mask: Tensor | None,
     aux_k: int,
     impl: str = "sparse",
+    sync_free: bool | None = None,
 ) -> Tensor:
     """Scalar AuxK loss from a TopK-family forward output.
 
     out needs `pre_acts` [B, M] (with gradient on the dense path, without on the sparse one),
-    `sae_in` [B, d] (the centred encoder input), `target` and `sae_out` [B, d]. dead_mask [M] bool."""
+    `sae_in` [B, d] (the centred encoder input), `target` and `sae_out` [B, d]. dead_mask [M] bool.
+    sync_free: select with fixed shapes (`select_dead_topk_masked`); None = on every device but the CPU."""
     z = out["pre_acts"]
     if dead_mask is None:
         return z.new_zeros(())
     dead_mask = dead_mask.to(device=z.device, dtype=torch.bool)
     if dead_mask.shape != (z.shape[1],):
         raise ValueError(f"dead_mask must have shape ({z.shape[1]},), got {tuple(dead_mask.shape)}")
-    n_dead = int(dead_mask.sum())
-    if n_dead == 0:
-        return z.new_zeros(())
-    k_aux = min(aux_k, n_dead)
-    sel = select_dead_topk(z.detach(), dead_mask, k_aux)
-    vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc))
+    if sync_free is None:
+        sync_free = z.device.type != "cpu"
+    if sync_free:
+        # Fixed shapes only: a GPU step never waits on the host for the number of dead latents.
+        sel, keep = select_dead_topk_masked(z.detach(), dead_mask, aux_k)
+        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc)) * keep
+        any_dead = dead_mask.any()
+    else:
+        # On a CPU a "sync" is free and the top-k over the dead columns only is much cheaper than a
+        # full-width masked one when few latents are dead.
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return z.new_zeros(())
+        sel = select_dead_topk(z.detach(), dead_mask, min(aux_k, n_dead))
+        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc))
+        any_dead = torch.ones((), dtype=torch.bool, device=z.device)
     e_hat = decode_selected(sel, vals, w_dec, impl)
     e = (out["target"] - out["sae_out"]).detach()
     num = (e - e_hat).pow(2).sum()
@@ -52,7 +64,7 @@ def auxk_loss(
     # num / rounding noise. torch.where rather than a Python branch: no host sync on GPU.
     degenerate = den <= 1e-6 * e.pow(2).sum()
     ratio = num / den.clamp_min(torch.finfo(den.dtype).tiny)
-    return torch.where(~degenerate & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+    return torch.where(any_dead & ~degenerate & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
 
 
 def auxk_global_share(out: dict[str, Tensor], aux_local: Tensor, g: GlobalBatch) -> Tensor:

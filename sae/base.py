@@ -23,6 +23,7 @@ saved with the weights, so a saved SAE needs nothing else.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from abc import ABC, abstractmethod
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -58,6 +60,10 @@ class BaseSAE(nn.Module, ABC):
     # Loss terms that are not means over tokens (AuxK's ratio). Under data parallelism
     # `global_losses` turns each into this rank's share: the sum of the shares / W is the global value.
     ratio_terms: ClassVar[tuple[str, ...]] = ()
+    # Whether `training.dtype: auto` may train this architecture with bf16 matmuls (float32 master
+    # weights) where bf16 is native: only after its held-out FVU in bf16 stayed within 0.002 of
+    # float32 after the same steps on the default cache (bench/RESULTS.md, "bf16 quality check").
+    bf16_auto: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -200,7 +206,8 @@ class BaseSAE(nn.Module, ABC):
         w, g = self.W_dec, self.W_dec.grad
         if g is None:
             return
-        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+        # Two passes over [d_sae, d_in] and no temporary of that size: a row-wise dot, then an in-place axpy.
+        g.addcmul_(torch.linalg.vecdot(g, w, dim=1).unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
@@ -223,10 +230,19 @@ class BaseSAE(nn.Module, ABC):
         text = json.dumps(doc, indent=2).encode()  # fails (non-JSON meta) before anything is written
         # Both files are complete on disk under temporary names before either replaces an old one.
         tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
-        save_file(tensors, str(tmp_w))
-        durable.write_synced(tmp_c, text)
-        durable.publish(tmp_w, path / WEIGHTS_FILE)
-        durable.publish(tmp_c, path / CONFIG_FILE)
+        try:
+            save_file(tensors, str(tmp_w))
+            doc["files"] = {WEIGHTS_FILE: file_digest(tmp_w)}  # checked by load_sae: a flipped byte is refused
+            text = json.dumps(doc, indent=2).encode()
+            durable.write_synced(tmp_c, text)
+            durable.publish(tmp_w, path / WEIGHTS_FILE)
+            durable.publish(tmp_c, path / CONFIG_FILE)
+        except BaseException as e:
+            tmp_w.unlink(missing_ok=True)
+            tmp_c.unlink(missing_ok=True)
+            if durable.is_disk_full(e) and not isinstance(e, OSError):  # safetensors' SafetensorError
+                raise OSError(errno.ENOSPC, f"disk full while writing {path / WEIGHTS_FILE} ({e})") from e
+            raise
         return path
 
 
@@ -252,6 +268,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> tuple[Base
         cfg = SAEConfig.from_dict(doc["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: bad SAE config: {e}") from e
+    recorded = doc.get("files", {}).get(WEIGHTS_FILE) if isinstance(doc.get("files"), dict) else None
+    if recorded is not None and file_digest(weights_file) != recorded:  # SAEs saved before checksums: none
+        raise ValueError(f"{weights_file} does not match its checksum in {cfg_file} (the SAE is damaged, or its "
+                         f"two files come from different saves); restore it or train it again")
     cls = registry.get(cfg.type)
     model = cls(cfg)
     try:
@@ -274,6 +294,12 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> tuple[Base
             raise ValueError(f"{weights_file}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
     model.load_state_dict(state)
     return model.to(device), doc.get("meta", {})
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"bytes", "xxh3"} of a file: what sae.json and checkpoints record of the files beside them."""
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "xxh3": xxhash.xxh3_64_hexdigest(data)}
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:

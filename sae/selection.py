@@ -46,15 +46,39 @@ class Selection:
 
 
 def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
-    counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cumsum(counts, 0) - counts
+    """Start of each row's entries in the non-decreasing `rows` (searchsorted: no host sync on CUDA)."""
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
+
+
+@torch.no_grad()
+def row_topk_indices(z: Tensor, k: int) -> Tensor:
+    """[B, k] column indices of a top-k of each row of z [B, M] (in no order), in z's dtype.
+    `torch.topk` over the whole row: the fastest exact way measured on the CPU (bench/RESULTS.md,
+    "Top-k selection"), against a blocked two-stage selection, a threshold from a sample followed by a
+    masked pass, and `torch.compile` of the selection."""
+    return z.topk(k, dim=1, sorted=False).indices
+
+
+@torch.no_grad()
+def blocked_topk_indices(z: Tensor, k: int, blocks: int) -> Tensor:
+    """The same selection in two stages: a top-k in each of `blocks` equal column blocks, then a top-k
+    among those blocks * k candidates. Exact (every row's top-k lies among its blocks' top-k's); measured
+    as an alternative, see `row_topk_indices`. M must be a multiple of `blocks` with M / blocks >= k."""
+    b, m = z.shape
+    width = m // blocks
+    if width * blocks != m or width < k:
+        raise ValueError(f"blocked top-k needs M={m} to split into {blocks} blocks of at least k={k} columns")
+    vals, idx = z.view(b, blocks, width).topk(k, dim=2, sorted=False)
+    idx = idx + torch.arange(0, m, width, device=z.device)[None, :, None]
+    pick = vals.reshape(b, -1).topk(k, dim=1, sorted=False).indices
+    return idx.reshape(b, -1).gather(1, pick)
 
 
 @torch.no_grad()
 def select_topk(z: Tensor, k: int) -> Selection:
     """Per-row TopK of z [B, M]: exactly k entries per row (rows of `cols` in value order)."""
     b, m = z.shape
-    cols = z.topk(k, dim=1, sorted=False).indices.reshape(-1)
+    cols = row_topk_indices(z, k).reshape(-1)
     rows = torch.arange(b, device=z.device).repeat_interleave(k)
     offsets = torch.arange(0, b * k, k, device=z.device)
     return Selection(rows, cols, offsets, m)
@@ -136,3 +160,15 @@ def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
     dead_cols = dead_mask.nonzero().squeeze(1)
     sub = select_topk(z.index_select(1, dead_cols), k_aux)
     return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1])
+
+
+@torch.no_grad()
+def select_dead_topk_masked(z: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Selection, Tensor]:
+    """AuxK without data-dependent shapes (no host-device sync, for GPUs): per-row top k_aux of z [B, M]
+    with the live columns masked to -inf -> (Selection of exactly k_aux per row, keep [N] bool: the
+    entry is a dead latent). With fewer than k_aux dead latents the surplus picks are live ones with
+    keep False; weighting the values by keep gives what `select_dead_topk` with k_aux = min(k_aux,
+    n_dead) gives."""
+    masked = z.masked_fill(~dead_mask, float("-inf"))
+    sel = select_topk(masked, min(k_aux, z.shape[1]))
+    return sel, dead_mask[sel.cols]

@@ -33,9 +33,10 @@ def scatter_rows(sel: Selection, weights: Tensor, source: Tensor) -> Tensor:
     sel: N entries; weights [N]; source [B, d] -> [M, d]. Sorting the entries by latent turns this
     into an embedding_bag with one bag per latent (empty bags give zero rows), which on CPU is
     several times faster than index_add over materialised [N, d] products."""
-    order = sel.cols.argsort()
-    counts = torch.bincount(sel.cols, minlength=sel.n_latents)
-    starts = torch.cumsum(counts, 0) - counts
+    sorted_cols, order = sel.cols.sort()
+    # Each latent's first entry in the sorted list; searchsorted rather than bincount + cumsum, whose
+    # CUDA kernel reads the largest index back to the host (a sync per step).
+    starts = torch.searchsorted(sorted_cols, torch.arange(sel.n_latents, device=sorted_cols.device))
     w = weights[order].to(source.dtype)
     return F.embedding_bag(sel.rows[order], source, starts, mode="sum", per_sample_weights=w)
 

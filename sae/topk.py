@@ -44,6 +44,7 @@ AUTO_SPARSE_MIN_LATENTS = {"cpu": 0, "cuda": 0}
 class TopKSAE(BaseSAE):
     sparse_acts = True
     ratio_terms = ("auxk",)
+    bf16_auto = True  # quality-checked (bench/RESULTS.md "bf16 quality check"); the family inherits it
     recon_name = "mse"  # name of the optimised reconstruction term in `loss`
 
     def __init__(self, cfg: SAEConfig):
@@ -159,8 +160,10 @@ class TopKSAE(BaseSAE):
         """[d_sae] bool: latents non-zero for some token of the batch (read from the kept entries)."""
         if "sel_idx" not in out:
             return super().fired(out)
-        cols = out["sel_idx"][out["sel_val"].detach() > 0]
-        return torch.zeros(self.d_sae, dtype=torch.bool, device=cols.device).index_fill_(0, cols, True)
+        # A scatter of the kept values rather than a boolean mask of the kept columns: a mask's output
+        # size depends on the data, which costs a host-device sync on a GPU. Kept values are >= 0 (ReLU).
+        vals = out["sel_val"].detach()
+        return torch.zeros(self.d_sae, dtype=vals.dtype, device=vals.device).index_add_(0, out["sel_idx"], vals) > 0
 
     def global_ratio_terms(self, out: dict[str, Tensor], losses: dict[str, Tensor], terms: dict[str, Tensor],
                            g: GlobalBatch) -> dict[str, Tensor]:

@@ -152,7 +152,8 @@ def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         try:
             validate()
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: {e}") from e
+            msg = str(e)  # the sections of settings.schema name the full key themselves
+            raise ConfigError(msg if prefix and msg.startswith(prefix) else f"{where}: {msg}") from e
     return built
 
 

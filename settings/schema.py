@@ -7,6 +7,7 @@ because the cache holds tokens (the one stated difference from that README).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,6 +45,11 @@ class DataConfig:
     heldout_fraction: float = 0.1  # share of documents held out for evaluation
     seed: int = 0
 
+    def validate(self) -> None:
+        _at_least("data", self, 1, "max_length", "max_samples")
+        _fraction("data", self, "heldout_fraction")
+        _at_least("data", self, 0, "seed")
+
 
 @dataclass
 class HarvestConfig:
@@ -62,6 +68,9 @@ class HarvestConfig:
     shuffle_window: int = 256  # sequences whose rows are shuffled together before writing
     keep_special_tokens: bool = False  # keep BOS/CLS/SEP/EOS rows in the cache
     overwrite: bool = False  # replace a different cache at `output`
+
+    def validate(self) -> None:
+        _at_least("harvest", self, 1, "shard_rows", "batch_size", "max_tokens", "shuffle_window")
 
 
 @dataclass
@@ -89,8 +98,9 @@ class TrainingConfig:
     threshold_start_step: int | None = None  # BatchTopK threshold EMA start; None = 10% of the run
     normalize_decoder: bool = True
     device: str = "auto"
-    # bfloat16: autocast on CUDA and bf16-capable CPUs, float32 master weights; float64: exactness checks
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    # auto: bf16 matmuls (float32 master weights) where bf16 is native and the SAE passed its quality
+    # check, else float32; bfloat16: autocast on CUDA and bf16-capable CPUs; float64: exactness checks
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
     compile: bool = False
     seed: int = 0
     checkpoint_every: int | None = None  # steps; None = 4 per run
@@ -98,6 +108,21 @@ class TrainingConfig:
     shuffle_buffer_rows: int = 65536
     resume: bool = False
     overwrite: bool = False
+    verify_reads: bool = True  # check each shard's checksum when first read; false for caches verified elsewhere
+
+    def validate(self) -> None:
+        p = "training"
+        _finite_positive(p, self, "lr", "eps", "num_epochs")
+        _finite_positive(p, self, "gradient_clip_norm")
+        _at_least(p, self, 1, "batch_size", "tokens", "steps", "checkpoint_every", "log_every",
+                  "shuffle_buffer_rows", "dead_feature_threshold")
+        _at_least(p, self, 0, "num_warmup_steps", "sparsity_warmup_steps", "threshold_start_step", "seed")
+        _finite_non_negative(p, self, "l1_coefficient")
+        _fraction(p, self, "lr_end_fraction")
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"{p}.betas={self.betas} must be two numbers in [0, 1) (Adam's beta1, beta2)")
+        if self.resume and self.overwrite:
+            raise ValueError(f"{p}.resume and {p}.overwrite are both set; choose one")
 
 
 @dataclass
@@ -119,6 +144,11 @@ class EvaluateConfig:
     dashboard_features: int = 32
     dashboard_contexts: int = 8
 
+    def validate(self) -> None:
+        _at_least("evaluate", self, 1, "max_tokens", "batch_size", "dashboard_contexts")
+        _at_least("evaluate", self, 0, "downstream_sequences", "dashboard_features")
+        _fraction("evaluate", self, "dense_threshold")
+
 
 @dataclass
 class Config:
@@ -128,3 +158,34 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# Range checks for the sections' validate() (settings.load calls it at load, turning the ValueError
+# into a ConfigError). Each names the full key, its value and the range; None passes (= the default).
+
+def _at_least(section: str, obj: object, low: int, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value < low:
+            raise ValueError(f"{section}.{key}={value} must be at least {low}")
+
+
+def _finite_positive(section: str, obj: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{section}.{key}={value} must be a finite number > 0")
+
+
+def _finite_non_negative(section: str, obj: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{section}.{key}={value} must be a finite number >= 0")
+
+
+def _fraction(section: str, obj: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{section}.{key}={value} must be a number in [0, 1]")

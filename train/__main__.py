@@ -96,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from train.preempt import Preempted
     from train.run import train as run_training
     from train.run import user_errors
 
     try:
         run_training(cfg)
+    except Preempted as e:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint of the last step is written
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,8 @@ Layout of `runs/<run>/checkpoints/step-00001234/`:
 - `optimizer.safetensors`: Adam's per-parameter state as `state.<param index>.<key>`;
 - `state.safetensors`: the dead-latent counters and the RNG states (uint8 tensors);
 - `state.json`: step, tokens, loader position, schedule, config, the optimizer's param groups, and
-  the size of every file above (a truncated file is detected before anything is loaded).
+  the size and xxh3 of every file above (a truncated or altered file is detected before anything is
+  loaded; resume then falls back to the previous checkpoint with a note).
 
 Crash safety: a checkpoint is written into `.tmp-step-...`, every file and the folder are fsynced,
 and only then is the folder renamed to its final name (and the parent fsynced). The previous
@@ -15,7 +16,6 @@ moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import durable
+from sae.base import file_digest
 from train.layout import CHECKPOINT_DIR, CHECKPOINT_RE, checkpoint_name
 from train.layout import CHECKPOINT_STATE_FILE as STATE_FILE
 from train.layout import CHECKPOINT_TMP_PREFIX as TMP_PREFIX
@@ -59,8 +60,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> Path:
     """Write `ckpt` atomically as `checkpoints/step-<step>/`, then prune to the newest `keep`.
-    On any OSError (a full disk) the partial folder is removed, older checkpoints are untouched,
-    and a CheckpointError says so."""
+    On any failure the partial folder is removed and older checkpoints are untouched; an I/O error
+    (a full disk, reported by the OS or by safetensors) becomes a CheckpointError saying so."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(ckpt.step)
@@ -69,11 +70,14 @@ def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) ->
     try:
         _write_folder(tmp, ckpt)
         final = _publish(tmp, root / name)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half checkpoint for a later run to trip over
+        # safetensors reports a full disk as SafetensorError, with the OS's text in its message
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
         previous = [p.name for p in list_checkpoints(run_dir)]
         kept = f"the previous checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
-        what = "disk full" if e.errno == errno.ENOSPC else f"error ({e})"
+        what = "disk full" if durable.is_disk_full(e) else f"error ({e})"
         raise CheckpointError(
             f"{what} while writing checkpoint {name} in {root}; {kept}. Free space and rerun with --resume."
         ) from e
@@ -98,6 +102,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         expected = meta.get("files", {}).get(file.name)
         if not file.is_file() or file.stat().st_size != expected:
             raise CheckpointError(f"{file} is missing or truncated (expected {expected} bytes)")
+        digests = meta.get("xxh3")  # checkpoints written before checksums have none
+        digest = digests.get(file.name) if isinstance(digests, dict) else None
+        if digest is not None and file_digest(file)["xxh3"] != digest:
+            raise CheckpointError(f"{file} does not match its checksum in {STATE_FILE} (a flipped byte)")
         try:
             tensors[group] = load_file(str(file))
         except (SafetensorError, OSError) as e:
@@ -124,13 +132,14 @@ def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 
 def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
     tmp.mkdir(parents=True)
-    sizes = {}
+    sizes, digests = {}, {}
     for group in GROUPS:
         file = tmp / f"{group}.safetensors"
         tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.get(group, {}).items()}
         _write_tensors(file, tensors)
         sizes[file.name] = file.stat().st_size
-    meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "step": ckpt.step, "files": sizes}
+        digests[file.name] = file_digest(file)["xxh3"]
+    meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "step": ckpt.step, "files": sizes, "xxh3": digests}
     durable.write_synced(tmp / STATE_FILE, json.dumps(meta, indent=1).encode())
     durable.fsync_dir(tmp)
 

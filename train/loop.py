@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,8 @@ from sae import BaseSAE
 from settings import TrainingConfig
 from train.distributed import DataParallel
 from train.plan import RunPlan
+from train.precision import autocast_for, compute_dtype
 from train.schedule import sparsity_factor
-
-TRAINING_DTYPES = ("float32", "bfloat16", "float64")  # float64: exactness checks (tests)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,39 +87,43 @@ class Stepper:
     forward: Callable[..., dict[str, Tensor]] | None = None  # e.g. torch.compile(sae); default the SAE
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     dp: DataParallel | None = None  # under torchrun, else None
+    dtype: str = "float32"  # what the matmuls run in (train/precision.py), for the run summary
 
     @classmethod
     def from_config(cls, sae: BaseSAE, optimizer: torch.optim.Optimizer, plan: RunPlan, t: TrainingConfig,
                     device: torch.device, dp: DataParallel | None = None) -> Stepper:
-        if t.dtype not in TRAINING_DTYPES:
-            raise ValueError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
-        bf16 = t.dtype == "bfloat16" and bf16_autocast_available(device)
+        used = compute_dtype(t.dtype, device, sae.bf16_auto)
         return cls(
             sae=sae, optimizer=optimizer, plan=plan, lr=t.lr, l1_coefficient=t.l1_coefficient,
             clip_norm=t.gradient_clip_norm, normalize_decoder=t.normalize_decoder,
             # bf16 compute, float32 master weights and optimiser state: autocast leaves parameters alone
-            autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
+            autocast=autocast_for(used, device), dtype=used,
             forward=torch.compile(sae) if t.compile else None,
             forward_kwargs=sparse_forward_kwargs(sae), dp=dp,
         )
 
 
-def bf16_autocast_available(device: torch.device) -> bool:
-    """bf16 autocast pays on CUDA and on CPUs with native bf16 GEMMs (oneDNN: AVX512-BF16 or AMX), where
-    the encoder's GEMM, most of a TopK step, runs about 3x faster than in float32; elsewhere it would be
-    emulated and slower, so training stays in float32."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent means no
-    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
-
-
 def make_optimizer(sae: BaseSAE, t: TrainingConfig) -> torch.optim.Adam:
+    """Adam over the SAE's parameters: the fused kernel (one pass over each parameter, its gradient and
+    both moments; no host sync for the step count) where torch has it for these parameters, else the
+    foreach one. Either way the moments are float32 (the parameters' dtype)."""
     if len(t.betas) != 2:
         raise ValueError(f"training.betas must hold two numbers, got {t.betas}")
-    return torch.optim.Adam(sae.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps)
+    params = list(sae.parameters())
+    kwargs: dict[str, Any] = {"lr": t.lr, "betas": (t.betas[0], t.betas[1]), "eps": t.eps}
+    if fused_adam_supported(params):
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
+def fused_adam_supported(params: Sequence[Tensor]) -> bool:
+    """torch's fused Adam takes floating-point parameters on CPU and CUDA, all on one device type. Only
+    contiguous ones: its CPU kernel walks a parameter, its gradient and its moments as flat memory, so a
+    transposed parameter (tied_init's encoder) whose moments come back contiguous from a checkpoint
+    pairs the wrong elements, and resume stops being bitwise (tests/train/test_loop.py)."""
+    types = {p.device.type for p in params}
+    return (len(types) == 1 and types <= {"cpu", "cuda"}
+            and all(p.is_floating_point() and p.is_contiguous() for p in params))
 
 
 def sparse_forward_kwargs(sae: BaseSAE) -> dict[str, Any]:
@@ -222,8 +225,8 @@ def run_loop(s: Stepper, loader: Any, state: TrainState, hooks: LoopHooks, devic
     meter = _Meter(state)
     batches = loader.batches(state.epoch, state.batch)
     try:
-        for batch in batches:
-            out, losses = train_step(s, batch.x.to(device, non_blocking=True), state)
+        for batch, x in _on_device(batches, device):
+            out, losses = train_step(s, x, state)
             state.epoch, state.batch = _next_position(batch.epoch, batch.index, plan.batches_per_epoch)
             hooks.progress(1)
             done = state.step >= plan.total_steps
@@ -245,6 +248,24 @@ def run_loop(s: Stepper, loader: Any, state: TrainState, hooks: LoopHooks, devic
         if hasattr(batches, "close"):
             batches.close()
     return state
+
+
+def _on_device(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, Tensor]]:
+    """(batch, its rows on `device`). On a GPU the next batch is pinned and its copy queued before the
+    current one is handed to the step, so it is on the device when that step ends. On a CPU the
+    loader's reader thread already holds the next batches ready (train/data.py, `prefetch`)."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield batch, batch.x.to(device)
+        return
+    it = iter(batches)
+    ahead = next(it, None)
+    pending = None if ahead is None else (ahead, ahead.x.pin_memory().to(device, non_blocking=True))
+    while pending is not None:
+        current = pending
+        ahead = next(it, None)
+        pending = None if ahead is None else (ahead, ahead.x.pin_memory().to(device, non_blocking=True))
+        yield current
 
 
 def _next_position(epoch: int, index: int, per_epoch: int) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from train.snapshot import optimizer_from_tensors, optimizer_to_tensors, rng_fro
 IGNORED = frozenset({
     "training.resume", "training.overwrite", "training.device", "training.compile", "training.log_every",
     "training.checkpoint_every", "training.cache", "training.output_dir", "training.run_name",
+    "training.verify_reads",
 })
 
 
@@ -96,14 +97,8 @@ def restore(ckpt: Checkpoint, model: BaseSAE, optimizer: torch.optim.Optimizer, 
 
 
 def check_compatible(meta: dict[str, Any], config: dict[str, Any], identity: dict[str, Any], rows: int) -> None:
-    saved = meta.get("config", {})
-    changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"the config changed since the checkpoint ({diffs}); undo those changes to resume, "
-            "or start a new run (a new training.run_name, or --overwrite)"
-        )
+    # The cache first: a different cache changes the derived settings too (steps, dead threshold), and
+    # naming one of those would hide the real cause.
     old_id = meta.get("cache_identity", {})
     if old_id != identity:
         keys = sorted(k for k in set(old_id) | set(identity) if old_id.get(k) != identity.get(k))
@@ -112,3 +107,11 @@ def check_compatible(meta: dict[str, Any], config: dict[str, Any], identity: dic
     if meta.get("rows_per_epoch") != rows:
         raise ValueError(f"the cache's train split has {rows} rows, the run started with {meta.get('rows_per_epoch')} "
                          "(it was extended or rebuilt), so the batch order differs; start a new run")
+    saved = meta.get("config", {})
+    changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"the config changed since the checkpoint ({diffs}); undo those changes to resume, "
+            "or start a new run (a new training.run_name, or --overwrite)"
+        )

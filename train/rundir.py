@@ -5,6 +5,8 @@
 - `overwrite` deletes only a folder that looks like a run (or is empty): never a user's folder.
 - With no `run_name`, a new run is named `<type>-<layers>-<timestamp>`; `resume` without a name
   continues the newest run of that type and layers.
+- The folder is held (durable.lock) from here to the end of the run: a second training on it is
+  refused at once, naming the holder, before anything in it is read or deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from durable import lock as durable_lock
 from settings import TrainingConfig
 from train.checkpoint import list_checkpoints
 from train.layout import RUN_MARKERS
@@ -27,8 +30,10 @@ def run_prefix(sae_type: str, layers: list[int]) -> str:
     return f"{sae_type.lower()}-{span}"
 
 
-def prepare_run_dir(t: TrainingConfig, sae_type: str, layers: list[int]) -> tuple[Path, bool, list[str]]:
-    """-> (run folder, resume from it?, notes for the log). Creates the folder."""
+def prepare_run_dir(t: TrainingConfig, sae_type: str,
+                    layers: list[int]) -> tuple[Path, bool, list[str], durable_lock.FolderLock]:
+    """-> (run folder, resume from it?, notes for the log, the folder's lock: release it when the run
+    ends). Creates the folder."""
     root = Path(t.output_dir)
     if t.run_name is None:
         if t.resume:
@@ -41,13 +46,32 @@ def prepare_run_dir(t: TrainingConfig, sae_type: str, layers: list[int]) -> tupl
     return _prepare(run_dir, t.resume, t.overwrite)
 
 
-def _prepare(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, bool, list[str]]:
-    exists = run_dir.exists() and any(run_dir.iterdir())
+def _has_content(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+def _prepare(run_dir: Path, resume: bool,
+             overwrite: bool) -> tuple[Path, bool, list[str], durable_lock.FolderLock]:
     if resume and overwrite:
         raise RunDirError("training.resume and training.overwrite are both set; choose one")
+    if resume and not _has_content(run_dir):
+        raise RunDirError(f"nothing to resume: {run_dir} does not exist; drop --resume to start a new run")
+    try:
+        lock = durable_lock.exclusive(run_dir, "run folder")
+    except durable_lock.LockHeld as e:
+        raise RunDirError(str(e)) from None
+    try:
+        path, resumed, notes = _decide(run_dir, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return path, resumed, lock.notes + notes, lock
+
+
+def _decide(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, bool, list[str]]:
+    """With the folder held: what to do with it (and do it)."""
+    exists = _has_content(run_dir)
     if resume:
-        if not exists:
-            raise RunDirError(f"nothing to resume: {run_dir} does not exist; drop --resume to start a new run")
         if not list_checkpoints(run_dir):
             return run_dir, False, [f"{run_dir} has no checkpoint yet: starting it again from step 0"]
         return run_dir, True, []
@@ -60,7 +84,7 @@ def _prepare(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, bool, 
         if not any((run_dir / marker).exists() for marker in RUN_MARKERS):
             raise RunDirError(f"{run_dir} is not a training run folder (none of {RUN_MARKERS}); "
                               "refusing to delete it: choose another training.run_name or training.output_dir")
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # its lock lives beside it (durable.lock), held by this process
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, False, [f"replaced {run_dir}"] if exists else []
 

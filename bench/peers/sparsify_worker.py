@@ -23,14 +23,15 @@ from streamfile import StreamMeta, heldout_chunks, load_meta, train_batches
 D_SAE, K = 3072, 32
 
 
-def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = COMMON_LR) -> None:
+def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = COMMON_LR, bf16: bool = False) -> None:
     opt = torch.optim.Adam(coder.parameters(), lr=lr)
     for step, x in enumerate(train_batches(work, meta, scale=meta.scale)):
         if step == 0:
             with torch.no_grad():
                 coder.b_dec.copy_(x.mean(dim=0))
         coder.set_decoder_norm_to_unit_norm()
-        out = coder(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # its matmuls in bf16, weights float32
+            out = coder(x)
         out.fvu.backward()
         coder.remove_gradient_parallel_to_decoder_directions()
         opt.step()
@@ -40,6 +41,8 @@ def train(coder, meta: StreamMeta, work: Path, clock: StepClock, lr: float = COM
 
 def main(argv: list[str] | None = None) -> int:
     p = worker_parser(__doc__.splitlines()[0], ("topk",))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: its step under CPU autocast (float32 weights and Adam), its fastest CPU setting")
     a = p.parse_args(argv)
     set_threads(a.threads)
     meta = load_meta(a.work)
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     coder = SparseCoder(meta.d, SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu", dtype=torch.float32)
     clock = StepClock(meta.n_batches, Gate.from_arg(a.gate))
-    train(coder, meta, a.work, clock, a.lr)
+    train(coder, meta, a.work, clock, a.lr, bf16=a.dtype == "bfloat16")
     rates = clock.rates(meta.batch_rows())
     coder.eval()
 
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return xs, coder.decode(enc.top_acts, enc.top_indices), latents
 
     metrics = evaluate(infer, heldout_chunks(a.work, meta), D_SAE)
-    doc = {"impl": f"sparsify {version('eai-sparsify')}", "arch": "topk", "threads": torch.get_num_threads(),
+    name = f"sparsify {version('eai-sparsify')}" + (" (bfloat16 autocast)" if a.dtype == "bfloat16" else "")
+    doc = {"impl": name, "arch": "topk", "threads": torch.get_num_threads(),
            **rates, **metrics, "peak_rss_bytes": peak_rss_bytes(), "threshold": None}
     write_result(a.out, doc)
     return 0

@@ -299,3 +299,19 @@ def test_one_process_harvest_refuses_an_unfinished_distributed_one(setup, ranks,
     with pytest.raises(HarvestError, match="unfinished harvest by several processes.*--nproc-per-node"):
         harvest(load_config(None, setup.args(out)), progress=False)
     assert {r: _files(out / f"rank-{r}") for r in range(2)} == before
+
+
+def test_a_distributed_harvest_is_refused_while_another_process_holds_the_cache(setup, tmp_path):
+    from tests.lock_holder import holder
+
+    out = tmp_path / "held"
+    with holder(out, "shared") as reader:  # a training reading it
+        proc = _torchrun(["-m", "harvest"], setup.args(out))
+    assert proc.returncode != 0, proc.stderr[-3000:]  # torchrun reports a failed worker as 1
+    # the two ranks' error lines may interleave on stderr: look for rank 0's words, not its line
+    refusal = f"harvest: error: rank 0 of 2: harvest.output: cache {out} is being read by pid {reader.pid} on "
+    assert refusal in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() or not any(out.iterdir())  # no rank started writing
+    proc = _torchrun(["-m", "harvest"], setup.args(out))  # free again: one holder, rank 0, for the whole job
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_cache(out, setup.one)

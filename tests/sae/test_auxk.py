@@ -1,10 +1,22 @@
 """AuxK: only dead latents, the reference formula computed here, k_aux = min(aux_k, |D|), NaN-safety."""
 
+import functools
+
 import pytest
 import torch
 
+import sae.topk
 from sae import SAEConfig
+from sae.auxk import auxk_loss
 from sae.topk import TopKSAE
+
+
+@pytest.fixture(params=[False, True], ids=["dead-columns", "sync-free"], autouse=True)
+def selection_path(request, monkeypatch):
+    """Every test runs on both AuxK selections: the CPU's top-k over the dead columns and the GPU's
+    fixed-shape masked top-k (forced here on the CPU)."""
+    monkeypatch.setattr(sae.topk, "auxk_loss", functools.partial(auxk_loss, sync_free=request.param))
+    return request.param
 
 
 def model_and_batch(impl: str = "sparse", aux_k: int = 3):

@@ -63,3 +63,20 @@ def test_a_failed_save_leaves_the_previous_sae_intact(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == before
     loaded, _ = load_sae(tmp_path / "sae")
     assert not torch.equal(loaded.W_dec, model.W_dec)
+
+
+def test_the_decoder_constraint_removes_the_parallel_gradient_and_renormalises_rows():
+    torch.manual_seed(4)
+    model = TopKSAE(SAEConfig(type="topk", hidden_size=6, latent_size=10, k=2))
+    w = model.W_dec.detach().clone()  # unit rows at init
+    g = torch.randn(10, 6)
+    model.W_dec.grad = g.clone()
+    model.remove_parallel_grads()
+    # g - (g . w_i) w_i for each unit row w_i, written out row by row
+    want = torch.stack([g[i] - torch.dot(g[i], w[i]) * w[i] for i in range(10)])
+    assert torch.allclose(model.W_dec.grad, want, atol=1e-6)
+    assert (model.W_dec.grad * w).sum(dim=1).abs().max() < 1e-6
+    with torch.no_grad():
+        model.W_dec.mul_(torch.arange(1.0, 11.0)[:, None])
+    model.normalize_decoder()
+    assert torch.allclose(model.W_dec.detach(), w, atol=1e-6)

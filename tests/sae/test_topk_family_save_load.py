@@ -60,8 +60,26 @@ def saved(tmp_path, kind="batchtopk"):
     return folder
 
 
-def test_wrong_shape_is_refused(tmp_path):
+def unrecorded(folder):
+    """Drop the weights' checksum from sae.json (as an SAE saved before checksums): the checks below
+    must still catch a file that was replaced whole."""
+    doc = json.loads((folder / "sae.json").read_text())
+    doc.pop("files")
+    (folder / "sae.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_a_replaced_weights_file_is_refused_by_its_checksum(tmp_path):
     folder = saved(tmp_path)
+    state = load_file(str(folder / "sae.safetensors"))
+    state["W_dec"] = state["W_dec"] + 1
+    save_file(state, str(folder / "sae.safetensors"))
+    with pytest.raises(ValueError, match=r"sae.safetensors does not match its checksum in .*sae.json"):
+        load_sae(folder)
+
+
+def test_wrong_shape_is_refused(tmp_path):
+    folder = unrecorded(saved(tmp_path))
     state = load_file(str(folder / "sae.safetensors"))
     state["W_dec"] = torch.zeros(64, 15)
     save_file(state, str(folder / "sae.safetensors"))
@@ -70,7 +88,7 @@ def test_wrong_shape_is_refused(tmp_path):
 
 
 def test_missing_and_unexpected_tensors_are_refused(tmp_path):
-    folder = saved(tmp_path)
+    folder = unrecorded(saved(tmp_path))
     state = load_file(str(folder / "sae.safetensors"))
     del state["threshold"]
     state["surprise"] = torch.zeros(1)
@@ -100,7 +118,7 @@ def test_unknown_type_and_bad_config_are_refused(tmp_path):
 
 
 def test_garbled_weights_are_refused(tmp_path):
-    folder = saved(tmp_path)
+    folder = unrecorded(saved(tmp_path))
     (folder / "sae.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_sae(folder)

@@ -79,7 +79,7 @@ def test_shipped_configs_are_valid():
     ("model.type=topkk", r"unknown SAE type 'topkk'; valid: .*batchtopk"),
     ("model.group_sizes=[8,8]", r"group_sizes \[8, 8\] sum to 16, but latent_size is 3072"),
     ("harvest.backend=parquet", r"harvest\.backend must be one of safetensors, zarr"),
-    ("training.dtype=fp16", r"training\.dtype must be one of float32, bfloat16, float64"),
+    ("training.dtype=fp16", r"training\.dtype must be one of auto, float32, bfloat16, float64"),
 ])
 def test_allowed_values_are_checked_when_the_config_is_loaded(override, message):
     # Before any stage runs: `make harvest model.routing=sof` used to pass.
@@ -99,7 +99,7 @@ def test_literal_choices_agree_with_their_owners():
 
     from cache.names import BACKENDS, STORED_DTYPES, ZARR_COMPRESSIONS
     from settings import HarvestConfig, TrainingConfig
-    from train.loop import TRAINING_DTYPES
+    from train.precision import TRAINING_DTYPES
     from train.schedule import LR_SCHEDULES
 
     hints, thints = typing.get_type_hints(HarvestConfig), typing.get_type_hints(TrainingConfig)

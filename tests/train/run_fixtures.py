@@ -30,6 +30,8 @@ def tiny_config(cache: Path, out: Path, run_name: str = "run", **over: object) -
         "model.type": "vanilla", "model.latent_size": 64, "model.k": 4, "training.batch_size": 128,
         "training.steps": 40, "training.log_every": 5, "training.checkpoint_every": 10, "training.lr": 1e-3,
         "training.shuffle_buffer_rows": 512,
+        # float32 on every machine (auto would pick bf16 on a native-bf16 CPU): results do not depend on it
+        "training.dtype": "float32",
     }
     base.update({k if "." in k else f"training.{k}": v for k, v in over.items()})
     return load_config([], [f"{k}={_yaml(v)}" for k, v in base.items()])

@@ -28,12 +28,12 @@ from train.loop import (
     Stepper,
     TrainState,
     batch_metrics,
-    bf16_autocast_available,
     run_loop,
     train_step,
 )
 from train.metrics import read_metrics
 from train.plan import plan_run
+from train.precision import bf16_autocast_available
 from train.run import TrainError, heldout_summary, train
 from train.schedule import make_lr_schedule
 from train.tensor_loader import TensorLoader
@@ -330,7 +330,7 @@ def test_resume_without_a_run_name_continues_the_newest_run_of_that_type_and_lay
 
     with pytest.raises(Killed):
         train(tiny_config(sparse_cache, tmp_path, None, steps=20), after_step=[kill])
-    (started,) = list(tmp_path.iterdir())
+    (started,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # beside it: its lock file (durable.lock)
     assert started.name.startswith("vanilla-L1-")  # the cache's middle layer
     result = train(tiny_config(sparse_cache, tmp_path, None, steps=20, resume=True))
     assert result.run_dir == started and result.state.step == 20
