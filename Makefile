@@ -5,7 +5,9 @@
 #   make check                     ruff, the type checker (mypy) and the tests
 #   make harvest [CONFIG=...] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
 #   make train MODEL=gated [CACHE=...] [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
-#   make evaluate [RUN=runs/<run>]
+#   make sweep SWEEP=configs/sweeps/<name>.yaml [RESUME=1] [OVERWRITE=1] [NPROC=N] [section.key=value ...]
+#                                  many SAEs in one pass over the cache, into runs/<sweep>/<member>/
+#   make evaluate [RUN=runs/<run>]       RUN=runs/<sweep>: every member of a sweep, then their comparison
 # Arguments of the form section.key=value (e.g. training.lr=1e-4) are passed to the program as
 # config overrides.
 
@@ -24,7 +26,7 @@ STAMP := $(VENV)/.installed
 OVERRIDES := $(foreach v,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(v)))),$(v)))
 FLAGS = $(if $(OVERWRITE),--overwrite) $(if $(RESUME),--resume)
 
-.PHONY: venv demo test harvest train evaluate compare info verify lint types check saelens-env
+.PHONY: venv demo test harvest train sweep evaluate compare info verify lint types check saelens-env
 
 venv: $(STAMP)
 
@@ -57,6 +59,10 @@ harvest: venv
 
 train: venv
 	$(LAUNCH) train --model $(MODEL) --config $(CONFIG) $(FLAGS) $(if $(CACHE),training.cache=$(CACHE)) $(OVERRIDES)
+
+sweep: venv
+	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=configs/sweeps/<name>.yaml (one of: $$(ls configs/sweeps))"; exit 2; }
+	$(LAUNCH) train.sweep $(SWEEP) $(FLAGS) $(OVERRIDES)
 
 evaluate: venv
 	$(PY) -m evaluate $(RUN) $(OVERRIDES)

@@ -1,6 +1,7 @@
 """Stage 3 command line.
 
     python -m evaluate [RUN] [--config FILE ...] [section.key=value ...]   evaluate a run (default: the latest)
+    python -m evaluate runs/<sweep> [...]                                  every member of a sweep, then compare
     python -m evaluate compare RUN [RUN ...] [--out DIR]                   table + FVU-L0 plot of several runs
     python -m evaluate export RUN --format saelens [--out DIR]             write a SAELens-loadable SAE
 """
@@ -53,9 +54,20 @@ def _evaluate(argv: list[str]) -> int:
     from settings.device import resolve_device
 
     base = load_config(args.config, overrides)
+    device = str(resolve_device(args.device, key="--device"))
+    from evaluate.sweep import evaluate_sweep, is_sweep
+
+    if args.run and is_sweep(args.run):
+        def one(run_dir: Path) -> None:
+            evaluate_run(run_dir, run_config(run_dir, overrides, args.config), downstream=not args.no_downstream,
+                         device=device)
+
+        text, plot = evaluate_sweep(args.run, one, lambda msg: print(msg, file=sys.stderr))
+        print(text)
+        print(f"\nwrote {Path(args.run) / '_compare' / 'compare.md'}" + (f" and {plot}" if plot else ""))
+        return 0
     run_dir = find_run(args.run or base.evaluate.run, base.training.output_dir)
     cfg = run_config(run_dir, overrides, args.config)
-    device = str(resolve_device(args.device, key="--device"))
     result = evaluate_run(run_dir, cfg, downstream=not args.no_downstream, device=device)
     print(format_table(result))
     print(f"\nwrote {run_dir / EVAL_FILE}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from evaluate.plots import frontier_plot
@@ -46,10 +47,15 @@ def _fmt(v: object, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def compare(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path | None]:
+def compare(run_dirs: Sequence[str | Path], out_dir: str | Path,
+            series: dict[str, str] | None = None) -> tuple[str, Path | None]:
     """Markdown table (also written to out_dir/compare.md) and the FVU-L0 plot. Runs on different
-    caches are not comparable: refused, naming the caches."""
+    caches are not comparable: refused, naming the caches. `series` (run name -> label) splits an
+    architecture's points into series (a sweep's learning rates, say)."""
     rows, notes = collect([Path(r) for r in run_dirs])
+    for r in rows:
+        label = (series or {}).get(r["run"])
+        r["series"] = f"{r['type']} {label}" if label else r["type"]
     caches = sorted({r["cache"] for r in rows})
     if len(caches) > 1:
         raise ValueError(f"these runs were evaluated on different caches {caches}: compare runs of one cache at a time")

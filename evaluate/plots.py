@@ -80,12 +80,26 @@ def layer_usage_plot(route: dict, out: Path) -> Path:
     return _save(fig, out)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (L0, FVU) points that no other point beats on both (lower L0 and lower FVU), by L0."""
+    front: list[tuple[float, float]] = []
+    for l0, fvu in sorted(points):
+        if not front or fvu < front[-1][1]:
+            front.append((l0, fvu))
+    return front
+
+
 def frontier_plot(rows: list[dict], out: Path) -> Path:
-    """FVU against L0, one series per architecture (rows: {type, l0, fvu, run})."""
+    """FVU against L0, one series per architecture (or per `series` label where rows carry one; rows:
+    {type, l0, fvu, run}), and the frontier of all the points (dashed)."""
     fig, ax = plt.subplots(figsize=(7, 5))
-    for sae_type in sorted({r["type"] for r in rows}):
-        pts = sorted((r["l0"], r["fvu"]) for r in rows if r["type"] == sae_type)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=sae_type)
+    key = lambda r: r.get("series") or r["type"]  # noqa: E731
+    for label in sorted({key(r) for r in rows}):
+        pts = sorted((r["l0"], r["fvu"]) for r in rows if key(r) == label)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    front = pareto_front([(r["l0"], r["fvu"]) for r in rows])
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), ls="--", color="0.4", lw=1, zorder=0, label="frontier")
     ax.set_xlabel("L0 (held-out)")
     ax.set_ylabel("FVU (held-out)")
     ax.set_xscale("log")

@@ -128,13 +128,14 @@ class _Source:
     KEEP_SHARDS = 32
 
     def __init__(self, loader: ActivationLoader) -> None:
-        self._cache, self._split, self._layers = loader.cache, loader.split, loader.layers
+        self._loader, self._cache, self._split, self._layers = loader, loader.cache, loader.split, loader.layers
         self._stacked = loader.stacked
         self._views: OrderedDict[int, list[np.ndarray]] | None = \
             OrderedDict() if loader.cache.backend == "safetensors" else None
 
     def fill(self, dest: np.ndarray, shard: int, starts: np.ndarray, lengths: np.ndarray) -> None:
         """dest [sum(lengths), d] or [.., L, d] <- rows [starts[i], starts[i] + lengths[i]) of `shard`, in order."""
+        self._loader.bytes_read += dest.nbytes  # the stored bytes of these rows and layers
         if self._views is None:
             offset = 0
             for lo, n in zip(starts.tolist(), lengths.tolist(), strict=True):
@@ -242,6 +243,7 @@ class ActivationLoader:
         self._blocks_per_buffer = max(1, buffer_rows // block_rows)
         self._workers: set[_Worker] = set()
         self._closed = False
+        self.bytes_read = 0  # bytes of cache rows read for batches so far (all iterations); the worker adds
 
     @staticmethod
     def _check_layers(cache, layers: list) -> list[int]:

@@ -18,6 +18,8 @@ SUMMARY_FILE = "train_summary.json"
 EVAL_FILE = "eval.json"
 PLOTS_DIR = "plots"
 DASHBOARD_FILE = "dashboard.html"
+# A sweep's folder `<output_dir>/<sweep>/` holds one run folder per member and this summary.
+SWEEP_SUMMARY_FILE = "sweep_summary.json"
 
 # Inside checkpoints/: one folder per checkpoint, written under a temporary name first.
 CHECKPOINT_STATE_FILE = "state.json"

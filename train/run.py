@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,7 +23,7 @@ from durable import lock as durable_lock
 from sae import BaseSAE
 from sae.measure import measure
 from sae.metrics import UNDEFINED_REASONS as METRIC_REASONS
-from settings import Config, ConfigError, save_config, to_dict
+from settings import Config, ConfigError, TrainingConfig, save_config, to_dict
 from settings.device import resolve_device
 from train.build import (
     BuildError,
@@ -89,20 +89,34 @@ class _Run:
         return self.dp is None or self.dp.is_main
 
 
+LoaderFactory = Callable[[Cache, LayerChoice, TrainingConfig], Any]
+
+
+def activation_loader(data: Cache, choice: LayerChoice, t: TrainingConfig) -> ActivationLoader:
+    """The run's batches: every rank plans the same global batches (RankLoader hands each its rows)."""
+    return ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed, buffer_rows=t.shuffle_buffer_rows)
+
+
 def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (),
-          say: Callable[[str], None] | None = None) -> RunResult:
-    """Run training as `cfg` says (`training.resume` / `training.overwrite` included)."""
+          say: Callable[[str], None] | None = None, loader: LoaderFactory = activation_loader,
+          dp: DataParallel | None | Literal["env"] = "env") -> RunResult:
+    """Run training as `cfg` says (`training.resume` / `training.overwrite` included).
+
+    `loader` makes the batch source (a sweep feeds its members from one shared pass); `dp` is the
+    process group to train data-parallel in: "env" joins the one torchrun describes (and leaves it
+    at the end), an explicit one or None is the caller's to manage."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     stops = StopRequests().install()  # SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, exit
     try:
-        return _train(cfg, after_step, say, stops)
+        return _train(cfg, after_step, say, stops, loader, dp)
     finally:
         stops.restore()
 
 
 def _train(cfg: Config, after_step: Iterable[Callable[[TrainState], None]], say: Callable[[str], None],
-           stops: StopRequests) -> RunResult:
-    run = _setup(cfg)
+           stops: StopRequests, loader: LoaderFactory = activation_loader,
+           dp: DataParallel | None | Literal["env"] = "env") -> RunResult:
+    run = _setup(cfg, loader, dp)
     if not run.is_main:
         say = lambda msg: None  # noqa: E731 - rank 0 speaks for the run
     try:
@@ -129,24 +143,26 @@ def _train(cfg: Config, after_step: Iterable[Callable[[TrainState], None]], say:
         run.loader.close()
         for lock in reversed(run.locks):
             lock.release()
-    if run.dp is not None:
+    if run.dp is not None and dp == "env":
         run.dp.close()
     if run.is_main:
         say(f"done: {run.run_dir} (held-out FVU {summary['heldout']['fvu']}, L0 {summary['heldout']['l0']})")
     return RunResult(run.run_dir, state, summary)
 
 
-def _setup(cfg: Config) -> _Run:
+def _setup(cfg: Config, make_loader: LoaderFactory = activation_loader,
+           dp: DataParallel | None | Literal["env"] = "env") -> _Run:
     locks: list[durable_lock.FolderLock] = []
     try:
-        return _setup_locked(cfg, locks)
+        return _setup_locked(cfg, locks, make_loader, dp)
     except BaseException:
         for lock in reversed(locks):
             lock.release()
         raise
 
 
-def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock]) -> _Run:
+def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock], make_loader: LoaderFactory = activation_loader,
+                  dp: DataParallel | None | Literal["env"] = "env") -> _Run:
     t = cfg.training
     data = open_training_cache(t.cache)
     data.verify_reads = t.verify_reads  # each shard hashed when first mapped, on the loader's thread
@@ -161,7 +177,8 @@ def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock]) -> _Run:
         raise TrainError(f"training.dtype={t.dtype!r} is not one of {TRAINING_DTYPES}")
     sae_cls = zoo.get(cfg.model.type)
     notes = dtype_notes(t.dtype, device, sae_cls.bf16_auto, sae_cls.type_name)
-    dp = DataParallel.start(device)
+    if dp == "env":
+        dp = DataParallel.start(device)
     if dp is not None:
         device = dp.device(device)
     if dp is None or dp.is_main:  # one holder per job
@@ -170,9 +187,7 @@ def _setup_locked(cfg: Config, locks: list[durable_lock.FolderLock]) -> _Run:
         except durable_lock.LockHeld as e:
             raise TrainError(f"cannot train on training.cache={t.cache}: {e}") from None
         notes += locks[-1].notes
-    # Every rank plans the same global batches; RankLoader hands each its rows of them.
-    loader = ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed,
-                              buffer_rows=t.shuffle_buffer_rows)
+    loader = make_loader(data, choice, t)
     plan = plan_run(t, loader.rows_per_epoch, loader.batches_per_epoch)
     if dp is not None:
         try:
@@ -340,6 +355,7 @@ def _finish(run: _Run, model: Any, state: TrainState) -> dict[str, Any]:
         "run": run.run_dir.name, "sae_type": model.cfg.type, "layers": run.choice.layers,
         "steps": state.step, "tokens": state.tokens, "epochs": state.tokens / run.plan.rows_per_epoch,
         "train_seconds": state.train_seconds,
+        "cache_bytes_read": getattr(run.loader, "bytes_read", None),  # by this process's loader, for batches
         "precision": precision_record(t.dtype, compute_dtype(t.dtype, run.device, model.bf16_auto)),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "heldout": heldout,
