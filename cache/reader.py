@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from . import manifest as manifest_mod
-from . import shardio
-from .checksum import hash_shard, shard_size
+from . import shardio, validity
 from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
+from .st_backend import StShard
 from .stats import LayerStats, from_manifest
+from .validity import DamagedShardError, NonFiniteValuesError
 
 
 def _index(value: Any) -> int | None:
@@ -35,10 +36,6 @@ def _index(value: Any) -> int | None:
 MAX_OPEN_SHARDS = 64
 
 
-class DamagedShardError(ValueError):
-    """A shard whose bytes do not match its checksum in the manifest; the message names it."""
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     name: str
@@ -54,9 +51,10 @@ class Cache:
     """A validated, read-only cache folder. Use open_cache() to get one.
 
     `verify_reads`: hash each shard (xxh3, its manifest checksum) the first time this object maps it,
-    in the thread that reads it (the training loader's background thread), and raise
-    DamagedShardError on a mismatch. Off by default; training and evaluation turn it on
-    (`training.verify_reads`)."""
+    and check each layer's values for NaN and inf the first time it is read, in the thread that reads
+    it (the training loader's background thread); raise DamagedShardError (NonFiniteValuesError) naming
+    the shard. Off by default; training and evaluation turn it on (`training.verify_reads`). The rest
+    of what makes a cache valid (cache/validity.py) is checked by open_cache, whatever this flag."""
 
     def __init__(self, path: Path, manifest: dict, manifest_bytes: bytes | None = None) -> None:
         self.path = path
@@ -77,6 +75,7 @@ class Cache:
         self._lock = threading.Lock()
         self.verify_reads = False
         self._verified: set[tuple[str, int]] = set()  # shards hashed once: an evicted map reopens unhashed
+        self._finite: set[tuple[str, int, int]] = set()  # (split, shard, layer) whose values were checked
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{s}={self.num_rows(s)}" for s in SPLITS)
@@ -120,27 +119,38 @@ class Cache:
                 self._open.popitem(last=False)
         return info, reader
 
+    def _entry(self, info: ShardInfo) -> dict:
+        return self.manifest["shards"][info.split][info.index]
+
     def _verify(self, info: ShardInfo) -> None:
-        try:
-            size, digest = hash_shard(self.path / info.name)
-        except OSError as e:
-            raise DamagedShardError(f"shard {info.name} of {self.path} cannot be read ({e}); run "
-                                    f"`python -m cache verify {self.path}`") from e
-        if (size, digest) != (info.bytes, info.xxh3):
-            raise DamagedShardError(
-                f"shard {info.name} of {self.path} does not match its checksum in the manifest (xxh3 {digest}, "
-                f"expected {info.xxh3}): the cache is damaged; run `python -m cache verify {self.path}`, then "
-                f"rebuild it (make harvest OVERWRITE=1), or set training.verify_reads=false to read it anyway")
+        problem = validity.size_problem(self.path, self._entry(info)) or \
+            validity.checksum_problem(self.path, self._entry(info))
+        if problem is not None:
+            raise DamagedShardError(f"shard {info.name} of {self.path} {problem.what}; {validity.fix_hint(self.path)}"
+                                    ", or set training.verify_reads=false to read it anyway")
 
     def _check_shard(self, info: ShardInfo, reader: shardio.ShardReader) -> None:
-        expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
-            layer_key(L): (self.dtype, (info.rows, self.d_model)) for L in self.layers}
-        expected.update({n: (dt, (info.rows,)) for n, dt in TOKEN_FIELDS.items()})
-        for name, spec in expected.items():
-            got = reader.spec(name)
-            if got != spec:
-                raise ValueError(f"shard {info.name} of {self.path}: tensor '{name}' is {got}, expected {spec} "
-                                 f"from the manifest; the cache is damaged: run python -m cache verify")
+        """The shard's tensors against the manifest, again: open_cache checked them, but a map is
+        reopened after an eviction and the file must still be the one checked."""
+        problem = validity.tensors_problem(self._entry(info), reader, self.manifest)
+        if problem is not None:
+            raise validity.reader_error(self.path, problem)
+
+    def _check_finite(self, info: ShardInfo, reader: shardio.ShardReader, layer: int, start: int, stop: int) -> None:
+        """verify_reads: NaN or inf in the rows read stop the reader, naming shard, split and layer. A mapped
+        layer is checked whole, once (a view: no read beyond the page cache); other backends copy what they
+        read, so their rows are checked as read."""
+        key = (info.split, info.index, layer)
+        if key in self._finite:
+            return
+        if isinstance(reader, StShard):
+            start, stop = 0, info.rows
+        problem = validity.layer_problem(info.name, info.split, layer, reader, start, stop)
+        if problem is not None:
+            raise NonFiniteValuesError(f"shard {info.name} of {self.path} {problem.what}; "
+                                       f"{validity.fix_hint(self.path)}")
+        if (start, stop) == (0, info.rows):
+            self._finite.add(key)
 
     def _rows(self, info: ShardInfo, start: int, stop: int | None) -> tuple[int, int]:
         a, b = _index(start), _index(info.rows if stop is None else stop)
@@ -167,6 +177,9 @@ class Cache:
             raise ValueError("layers must name at least one layer")
         info, reader = self._shard(split, shard)
         start, stop = self._rows(info, start, stop)
+        if self.verify_reads:
+            for L in wanted:
+                self._check_finite(info, reader, L, start, stop)
         if single:
             return reader.get(layer_key(wanted[0]), start, stop)
         return torch.stack([reader.get(layer_key(L), start, stop) for L in wanted], dim=1)
@@ -235,7 +248,8 @@ class Cache:
 
 
 def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
-    """Open and validate a cache folder (manifest schema, shard presence and sizes; no hashing)."""
+    """Open and validate a cache folder: the manifest, then every shard's presence, size, tensors and
+    statistics, then the manifest's statistics against the shards' (cache/validity.py; no hashing)."""
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"{folder} is not a cache: no {MANIFEST}; run make harvest to create it")
@@ -244,14 +258,7 @@ def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
     n_shards = sum(len(m["shards"][s]) for s in SPLITS)
     if not m["complete"] and not allow_incomplete:
         raise ValueError(f"cache at {folder} is incomplete: {n_shards} shards; rerun make harvest to finish it")
-    for split in SPLITS:
-        for e in m["shards"][split]:
-            p = folder / e["name"]
-            size = shard_size(p) if p.exists() else None
-            if size != e["bytes"]:
-                state = "is missing" if size is None else f"has {size} bytes, the manifest says {e['bytes']}"
-                raise ValueError(f"cache at {folder}: shard {e['name']} {state}; run python -m cache verify "
-                                 f"{folder}, then rerun make harvest (OVERWRITE=1 to rebuild)")
+    validity.check_for_reading(folder, m)
     return Cache(folder, m, before)
 
 

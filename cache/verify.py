@@ -1,4 +1,5 @@
-"""verify: re-hash every shard against the manifest and report what is wrong, shard by shard."""
+"""verify: check a cache against everything that makes it valid (cache/validity.py, in its order) and
+report what is wrong, file by file: every check a reader makes, and the ones readers leave to reads."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import manifest as manifest_mod
-from .checksum import hash_shard, shard_size
+from . import validity
 from .names import MANIFEST, SPLITS, TMP_PREFIX
+from .stats import ShardSums
 
 
 class NotACacheError(FileNotFoundError):
@@ -24,21 +26,14 @@ class VerifyReport:
     bytes_checked: int = 0
 
 
-def _check_one(folder: Path, entry: dict) -> str | None:
-    path = folder / entry["name"]
-    if not path.exists():
-        return f"shard {entry['name']}: missing"
-    size = shard_size(path)
-    if size != entry["bytes"]:
-        return f"shard {entry['name']}: {size} bytes but the manifest says {entry['bytes']} (truncated or altered)"
-    _size, digest = hash_shard(path)
-    if digest != entry["xxh3"]:
-        return f"shard {entry['name']}: checksum mismatch (xxh3 {digest}, manifest says {entry['xxh3']}): corrupted"
-    return None
+def _check_one(folder: Path, m: dict, split: str, entry: dict) -> tuple[dict[int, ShardSums] | None,
+                                                                      validity.Problem | None]:
+    return validity.shard_problem(folder, entry, split, m, checksum=True, values=True)
 
 
 def verify_report(path: str | Path, workers: int | None = None) -> VerifyReport:
-    """Hash every listed shard (xxh3_64, streamed) and list problems and warnings.
+    """Check the manifest, then every listed shard (size, xxh3_64 streamed, tensors, statistics, finite
+    values), then the manifest's statistics against the shards' sums; list problems and warnings.
 
     Raises NotACacheError when `path` has no manifest.json (the CLI exits 2 for that).
     """
@@ -53,8 +48,8 @@ def verify_report(path: str | Path, workers: int | None = None) -> VerifyReport:
         return report
     if not m["complete"]:
         report.warnings.append("cache is incomplete (complete=false): rerun make harvest to finish it")
-    entries = [e for s in SPLITS for e in m["shards"][s]]
-    known = {MANIFEST} | {e["name"] for e in entries}
+    entries = [(s, e) for s in SPLITS for e in m["shards"][s]]
+    known = {MANIFEST} | {e["name"] for _s, e in entries}
     for name in sorted(os.listdir(folder)):
         if name.startswith(TMP_PREFIX):
             report.warnings.append(f"{name}: temporary left by an interrupted (or running) writer; "
@@ -62,10 +57,16 @@ def verify_report(path: str | Path, workers: int | None = None) -> VerifyReport:
         elif name not in known:
             report.warnings.append(f"{name}: unknown file, not part of the cache")
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda e: _check_one(folder, e), entries))
-    report.problems.extend(r for r in results if r is not None)
+        results = list(pool.map(lambda se: _check_one(folder, m, *se), entries))
+    report.problems.extend(p.line() for _sums, p in results if p is not None)
+    if not report.problems:  # the split statistics are re-added from sums that are now known to be sound
+        sums: dict[str, list[dict[int, ShardSums]]] = {s: [] for s in SPLITS}
+        for (split, _e), (got, _p) in zip(entries, results, strict=True):
+            assert got is not None
+            sums[split].append(got)
+        report.problems.extend(p.line() for p in validity.stats_problems(m, sums))
     report.shards_checked = len(entries)
-    report.bytes_checked = sum(e["bytes"] for e in entries)
+    report.bytes_checked = sum(e["bytes"] for _s, e in entries)
     return report
 
 

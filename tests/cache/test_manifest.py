@@ -91,12 +91,12 @@ def test_missing_or_resized_shard_is_refused_on_open(tmp_path, backend):
         next(p for p in sorted(target.rglob("*")) if p.is_file() and p.name != "zarr.json").unlink()
     else:
         target.write_bytes(target.read_bytes()[:-5])
-    with pytest.raises(ValueError, match=f"shard {second.name} has .* bytes, the manifest says"):
+    with pytest.raises(ValueError, match=f"shard {second.name} of .* has .* bytes, the manifest says"):
         cache.open(tmp_path / "c")
     import shutil
 
     shutil.rmtree(tmp_path / "c" / first.name) if backend == "zarr" else (tmp_path / "c" / first.name).unlink()
-    with pytest.raises(ValueError, match=f"shard {first.name} is missing"):
+    with pytest.raises(ValueError, match=f"shard {first.name} of .* is missing"):
         cache.open(tmp_path / "c")
 
 

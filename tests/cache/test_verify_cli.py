@@ -58,9 +58,9 @@ def test_flipped_byte_truncation_and_missing_shard(tmp_path, backend):
     shutil.rmtree(missing) if missing.is_dir() else missing.unlink()
     problems = cache.verify(tmp_path / "c")
     assert len(problems) == 3
-    assert f"shard {infos[0].name}: checksum mismatch" in problems[0]
+    assert f"shard {infos[0].name}: does not match its checksum" in problems[0]
     assert f"shard {infos[1].name}:" in problems[1] and "truncated" in problems[1]
-    assert problems[2] == f"shard {infos[2].name}: missing"
+    assert problems[2] == f"shard {infos[2].name}: is missing"
 
 
 def test_extra_files_and_temporaries_are_warnings(tmp_path):
@@ -82,7 +82,7 @@ def test_cli_exit_codes_and_messages(tmp_path, backend, capsys):
     target.write_bytes(target.read_bytes()[:-1] + bytes([target.read_bytes()[-1] ^ 0xFF]))
     assert main(["verify", str(tmp_path / "c")]) == 1
     out = capsys.readouterr().out
-    assert f"BAD: shard {shard}: checksum mismatch" in out and "1 problem(s)" in out
+    assert f"BAD: shard {shard}: does not match its checksum" in out and "1 problem(s)" in out
     assert main(["verify", str(tmp_path / "nothing")]) == 2
     assert "is not a cache" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
