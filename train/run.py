@@ -47,7 +47,7 @@ from train.plan import PlanError, RunPlan, describe, plan_run
 from train.precision import TRAINING_DTYPES, compute_dtype, dtype_notes, precision_record
 from train.preempt import Preempted, StopRequests
 from train.resume import checkpoint_of, resolved_config, restore
-from train.rundir import RunDirError, prepare_run_dir
+from train.rundir import RunDirError, discard_if_empty, prepare_run_dir
 
 
 class TrainError(RuntimeError):
@@ -141,6 +141,8 @@ def _train(cfg: Config, after_step: Iterable[Callable[[TrainState], None]], say:
         raise
     finally:
         run.loader.close()
+        if run.is_main and not run.resume:
+            discard_if_empty(run.run_dir)  # a run refused before writing anything leaves no folder
         for lock in reversed(run.locks):
             lock.release()
     if run.dp is not None and dp == "env":

@@ -89,6 +89,16 @@ def _decide(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, bool, l
     return run_dir, False, [f"replaced {run_dir}"] if exists else []
 
 
+def discard_if_empty(run_dir: Path) -> None:
+    """Remove a run folder left empty by a run that stopped before writing anything in it (a cache
+    refused at its first read): an empty folder would only be refused as "already exists" by the rerun.
+    A folder holding anything is kept (rmdir removes only an empty one)."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # not empty, or already gone
+
+
 def _newest_run(root: Path, prefix: str) -> Path:
     candidates = sorted(p for p in root.glob(prefix + "-*") if p.is_dir() and list_checkpoints(p))
     if not candidates:
