@@ -257,7 +257,8 @@ def open_cache(path: str | Path, allow_incomplete: bool = False) -> Cache:
     m = manifest_mod.load(folder)
     n_shards = sum(len(m["shards"][s]) for s in SPLITS)
     if not m["complete"] and not allow_incomplete:
-        raise ValueError(f"cache at {folder} is incomplete: {n_shards} shards; rerun make harvest to finish it")
+        raise ValueError(f"cache at {folder} is incomplete: {n_shards} shards ({MANIFEST} says complete: false, as "
+                         "while a harvest runs or after it stopped); rerun make harvest to finish it")
     validity.check_for_reading(folder, m)
     return Cache(folder, m, before)
 

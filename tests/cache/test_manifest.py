@@ -19,7 +19,8 @@ def _edit(path, fn) -> None:
 
 def test_incomplete_cache_is_refused_unless_allowed(tmp_path, backend):
     write_cache(tmp_path / "c", backend, n_train=3, finish=False)
-    with pytest.raises(ValueError, match=r"cache at .* is incomplete: \d+ shards; rerun make harvest to finish it"):
+    refused = r"cache at .* is incomplete: \d+ shards \(manifest.json says complete: false.*rerun make harvest"
+    with pytest.raises(ValueError, match=refused):
         cache.open(tmp_path / "c")
     c = cache.open(tmp_path / "c", allow_incomplete=True)
     assert not c.complete and c.num_rows("train") > 0
