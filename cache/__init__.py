@@ -2,7 +2,8 @@
 
 Owners: `names` (every file, tensor and metadata name of the format), `folder` (every decision about a
 cache folder: create, continue, replace, refuse, remove; harvest only asks it), `writer` and `reader`,
-`merge` (a distributed harvest's rank caches into one), `verify`; durable writes go through the
+`merge` (a distributed harvest's rank caches into one), `validity` (what makes a cache valid: the
+checks `verify` reports and every reader makes), `verify`; durable writes go through the
 `durable` package.
 
     import cache
@@ -11,8 +12,9 @@ cache folder: create, continue, replace, refuse, remove; harvest only asks it), 
 """
 
 from .names import FORMAT_VERSION
-from .reader import Cache, DamagedShardError, ShardInfo, open_cache
+from .reader import Cache, ShardInfo, open_cache
 from .stats import LayerStats
+from .validity import DamagedShardError, NonFiniteValuesError
 from .verify import NotACacheError, VerifyReport, verify, verify_report
 from .writer import CacheWriter
 
@@ -24,6 +26,7 @@ __all__ = [
     "CacheWriter",
     "DamagedShardError",
     "LayerStats",
+    "NonFiniteValuesError",
     "NotACacheError",
     "ShardInfo",
     "VerifyReport",

@@ -34,8 +34,8 @@ from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key, sta
 from .st_backend import ShardFormatError
 from .stats import ShardSums, SplitStats
 
-# Rows of a layer checked for finiteness at a time (bounds the scratch memory of a zarr read).
-_FINITE_BLOCK_ELEMENTS = 1 << 22
+# Values checked for finiteness at a time (1 MB of scratch; also bounds a zarr read's copy).
+_FINITE_BLOCK_ELEMENTS = 1 << 20
 # Exponent bits all set = inf or NaN, for the 16-bit formats (numpy has no bfloat16, and its float16
 # isfinite is three times slower than this mask).
 _EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -163,19 +163,23 @@ def read_sums(entry: dict, reader: shardio.ShardReader, m: dict) -> tuple[dict[i
 # ---- 7. finite activations ------------------------------------------------------------------------------
 def count_non_finite(t: torch.Tensor) -> int:
     """NaN and inf values in `t` (a CPU float tensor, typically a view of a mapped shard), with numpy in
-    bounded blocks: no torch thread pool on the caller's thread, no copy of a whole layer."""
+    blocks into reused buffers: no torch thread pool on the caller's thread, no copy of a whole layer."""
     flat = t.reshape(-1)
     mask = _EXPONENT_MASK.get(t.dtype)
+    arr = flat.view(torch.int16).numpy().view(np.uint16) if mask is not None else flat.numpy()
+    n = min(_FINITE_BLOCK_ELEMENTS, arr.size)
+    ok, bits = np.empty(n, dtype=bool), np.empty(n if mask is not None else 0, dtype=np.uint16)
     bad = 0
-    for a in range(0, flat.numel(), _FINITE_BLOCK_ELEMENTS):
-        block = flat[a:a + _FINITE_BLOCK_ELEMENTS]
+    for a in range(0, arr.size, _FINITE_BLOCK_ELEMENTS):
+        block = arr[a:a + _FINITE_BLOCK_ELEMENTS]
+        fine = ok[:block.size]
         if mask is not None:
-            bits = block.view(torch.int16).numpy().view(np.uint16)
-            hit = np.bitwise_and(bits, np.uint16(mask)) == mask
+            np.bitwise_and(block, np.uint16(mask), out=bits[:block.size])
+            np.not_equal(bits[:block.size], np.uint16(mask), out=fine)
         else:
-            hit = ~np.isfinite(block.numpy())
-        if hit.any():
-            bad += int(hit.sum())
+            np.isfinite(block, out=fine)
+        if not fine.all():
+            bad += block.size - int(np.count_nonzero(fine))
     return bad
 
 

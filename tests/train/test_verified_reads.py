@@ -42,16 +42,17 @@ def test_a_flipped_byte_stops_training_naming_the_shard(tmp_path, backend):
 def test_every_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
     path = write_cache(tmp_path / "c", content="sparse", **TINY).path
     import cache.reader as reader_mod
+    import cache.validity as validity_mod
 
     hashed, threads = [], {}
-    real = reader_mod.hash_shard
+    real = validity_mod.hash_shard  # the verified read hashes through the one validity module
 
     def spy(p):
         hashed.append(p.name)
         threads[p.name] = threading.current_thread().name
         return real(p)
 
-    monkeypatch.setattr(reader_mod, "hash_shard", spy)
+    monkeypatch.setattr(validity_mod, "hash_shard", spy)
     monkeypatch.setattr(reader_mod, "MAX_OPEN_SHARDS", 1)  # evictions reopen maps, not hashes
     train(tiny_config(path, tmp_path / "runs", steps=40))
     c = cache.open(path)
