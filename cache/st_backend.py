@@ -112,6 +112,20 @@ def _parse_entry(name: str, entry: object, data_len: int, data_start: int, where
     return dtype, tuple(shape), data_start + begin, data_start + end
 
 
+def _check_packed(entries: dict[str, tuple], data_start: int, size: int, where: str) -> None:
+    """The tensors' bytes are back to back, from the buffer's start to the file's end (FORMAT.md 3.1):
+    no overlap, no hole, no trailing bytes."""
+    at = data_start
+    for name, (_dtype, _shape, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves {begin - at} unused bytes before it"
+            raise ShardFormatError(f"{where}: tensor '{name}' {what} (data_offsets are not back to back)")
+        at = end
+    if at != size:
+        raise ShardFormatError(f"{where}: {size - at} bytes after the last tensor (the file is not one safetensors "
+                               "buffer)")
+
+
 class StShard:
     """One safetensors shard mapped read-only; tensors are views of the page cache."""
 
@@ -136,6 +150,7 @@ class StShard:
             name: _parse_entry(name, entry, size - 8 - hlen, 8 + hlen, where)
             for name, entry in header.items() if name != "__metadata__"
         }
+        _check_packed(self.entries, 8 + hlen, size, where)
         with warnings.catch_warnings():
             # The map is read-only on purpose; torch warns that it has no read-only tensors.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -65,3 +65,15 @@ def move_rows(folder: Path, split: str, a: int, b: int, k: int) -> tuple[str, st
     edit_manifest(folder, edit)
     entries = read_manifest(folder)["shards"][split]
     return entries[a]["name"], entries[b]["name"]
+
+
+def edit_header(shard: Path, edit: Callable[[dict], None]) -> None:
+    """Edit a safetensors file's JSON header in place (same length, padded with spaces)."""
+    raw = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "the edited header must not be longer"
+    raw[8:8 + n] = text + b" " * (n - len(text))
+    shard.write_bytes(bytes(raw))

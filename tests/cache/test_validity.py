@@ -9,7 +9,7 @@ import torch
 import cache
 from cache import validity
 from tests.cache.cache_producer import write_cache
-from tests.cache.damage import edit_manifest, move_rows, put_float32, read_manifest, resign, tensor_span
+from tests.cache.damage import edit_header, edit_manifest, move_rows, put_float32, read_manifest, resign, tensor_span
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -96,4 +96,17 @@ def test_non_finite_statistics_and_values(tmp_path):
     resign(path, "train", 1)
     assert cache.verify(path) == [f"shard {name}: has non-finite statistics for layer 0 (NaN or inf values)"]
     with pytest.raises(cache.DamagedShardError, match=f"shard {name} of .* has non-finite statistics for layer 0"):
+        cache.open(path)
+
+
+def test_tensors_that_are_not_back_to_back(tmp_path):
+    """Offsets that fit each tensor's shape but overlap (two tensors read the same bytes)."""
+    path = write_cache(tmp_path / "c", "safetensors", n_train=2)
+    name = read_manifest(path)["shards"]["train"][0]["name"]
+    edit_header(path / name, lambda h: h["position"].update(data_offsets=h["token_ids"]["data_offsets"]))
+    resign(path, "train", 0)
+    problems = cache.verify(path)
+    assert len(problems) == 1 and problems[0].startswith(f"shard {name}: is malformed: tensor ")
+    assert "data_offsets are not back to back" in problems[0]
+    with pytest.raises(cache.DamagedShardError, match=f"shard {name} of .* is malformed: .* not back to back"):
         cache.open(path)
