@@ -13,12 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import durable
 from durable.lock import is_lock_file
 
-from . import manifest, shardio
+from . import manifest, validity
 from .checksum import shard_size
 from .manifest import ManifestError
 from .names import (
@@ -30,7 +28,6 @@ from .names import (
     TMP_PREFIX,
     is_cache_file,
     parse_shard_name,
-    stat_keys,
 )
 from .stats import ShardSums, SplitStats
 
@@ -67,18 +64,17 @@ def _remove_cache_files(folder: Path) -> None:
     durable.fsync_dir(folder)
 
 
-def _read_sums(folder: Path, entry: dict, layers: list[int], d_model: int, backend: str) -> dict[int, ShardSums]:
-    shard = shardio.open_shard(folder / entry["name"], backend)
-    out = {}
-    for layer in layers:
-        k_sum, k_sq, k_norm = stat_keys(layer)
-        specs = [shard.spec(k_sum), shard.spec(k_sq), shard.spec(k_norm)]
-        if specs != [(torch.float64, (d_model,)), (torch.float64, ()), (torch.float64, ())]:
-            raise ValueError(f"shard {entry['name']} in {folder} lacks valid statistics for layer {layer}; "
-                             f"the cache is damaged: run `python -m cache verify {folder}` or {OVERWRITE_HINT}")
-        out[layer] = ShardSums(shard.get(k_sum).numpy().copy(), float(shard.get(k_sq)),
-                               float(shard.get(k_norm)))
-    return out
+def _read_sums(folder: Path, entry: dict, m: dict) -> dict[int, ShardSums]:
+    """A listed shard's float64 sums, once the shard is checked against its manifest `m` (its format,
+    tensors and finite statistics: cache/validity.py, checks 4-6)."""
+    reader, problem = validity.open_checked(folder, entry, m)
+    sums: dict[int, ShardSums] = {}
+    if reader is not None:
+        sums, problem = validity.read_sums(entry, reader, m)
+    if problem is not None:
+        raise ValueError(f"shard {entry['name']} in {folder} {problem.what}; the cache is damaged: run "
+                         f"`python -m cache verify {folder}` or {OVERWRITE_HINT}")
+    return sums
 
 
 def _check_listed(folder: Path, m: dict) -> None:
@@ -110,7 +106,7 @@ def _resume(folder: Path, old: dict, requested: dict) -> tuple[dict, dict[str, S
     for split in SPLITS:
         acc = SplitStats(old["layers"], old["d_model"])
         for entry in old["shards"][split]:
-            acc.add(entry["rows"], _read_sums(folder, entry, old["layers"], old["d_model"], old["backend"]))
+            acc.add(entry["rows"], _read_sums(folder, entry, old))
         old["stats"][split] = acc.to_manifest()
         totals[split] = acc
     old.update(complete=False, metadata=requested["metadata"],

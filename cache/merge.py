@@ -102,8 +102,7 @@ def plan_merge(out: Path, world: int, metadata: dict) -> dict:
             folder = rank_folder(out, r)
             for entry in m["shards"][split]:
                 dst = shard_name(split, len(merged["shards"][split]), first["backend"])
-                totals.add(entry["rows"], _read_sums(folder, entry, first["layers"], first["d_model"],
-                                                     first["backend"]))
+                totals.add(entry["rows"], _read_sums(folder, entry, m))
                 merged["shards"][split].append({**entry, "name": dst})
                 moves.append([f"{folder.name}/{entry['name']}", dst])
         merged["rows"][split] = totals.count
