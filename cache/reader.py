@@ -235,6 +235,19 @@ class Cache:
             return f"its {MANIFEST} was rewritten (overwritten, extended or resumed by a harvest)"
         return None
 
+    def non_finite(self, split: str, layers: int | list[int]) -> NonFiniteValuesError | None:
+        """The error for the first NaN or inf among `layers` of `split` (every shard read), or None: what
+        a run that trusted the bytes (verify_reads off) asks when its loss went non-finite."""
+        wanted = [self._layer(x) for x in (layers if isinstance(layers, list | tuple) else [layers])]
+        for info in self.shards(split):
+            _info, reader = self._shard(split, info.index)
+            for L in wanted:
+                problem = validity.layer_problem(info.name, split, L, reader, 0, info.rows)
+                if problem is not None:
+                    return NonFiniteValuesError(f"shard {info.name} of {self.path} {problem.what}; "
+                                                f"{validity.fix_hint(self.path)}")
+        return None
+
     def close(self) -> None:
         """Drop the open shard maps (tensors already returned keep their own map alive)."""
         with self._lock:

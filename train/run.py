@@ -303,6 +303,10 @@ def _loop(run: _Run, model: Any, optimizer: torch.optim.Optimizer, state: TrainS
     try:
         return run_loop(stepper, loader, state, hooks, run.device)
     except NonFiniteLossError as e:
+        if not cfg.training.verify_reads and isinstance(run.cache, Cache):  # else the reads checked the values
+            damaged = run.cache.non_finite("train", run.choice.loader_layers)
+            if damaged is not None:  # the cache's values, not the learning rate
+                raise damaged from None
         kept = list_checkpoints(run.run_dir)
         raise NonFiniteLossError(e.step, kept[-1].name if kept else None) from None
     finally:

@@ -75,6 +75,16 @@ def test_verify_reads_off_reads_past_the_values_check_too(tmp_path):
     assert result.summary["heldout"]["fvu"] != result.summary["heldout"]["fvu"]  # NaN: what was asked for
 
 
+def test_verify_reads_off_a_non_finite_loss_from_the_cache_is_still_named(tmp_path):
+    """Unchecked reads let an inf reach the loss; the stop then looks in the cache before advising on the
+    learning rate, and names the shard."""
+    path = write_cache(tmp_path / "c", content="sparse", **SMALL).path
+    shard = put_float32(path, "train", 3, 1, {100: float("inf")})
+    with pytest.raises(cache.NonFiniteValuesError, match=f"shard {shard} of .* in split train, layer 1"):
+        train(tiny_config(path, tmp_path / "runs", steps=12, batch_size=64, verify_reads=False,
+                          **{"model.layer": 1}))  # more than an epoch: the row is in some batch
+
+
 def test_a_non_finite_loss_on_finite_inputs_keeps_the_learning_rate_advice(tmp_path, capsys):
     path = write_cache(tmp_path / "c", content="sparse", **SMALL).path
     code, err = _cli(path, tmp_path / "runs", capsys, "training.lr=1e30", "training.gradient_clip_norm=null")
