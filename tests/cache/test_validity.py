@@ -110,3 +110,24 @@ def test_tensors_that_are_not_back_to_back(tmp_path):
     assert "data_offsets are not back to back" in problems[0]
     with pytest.raises(cache.DamagedShardError, match=f"shard {name} of .* is malformed: .* not back to back"):
         cache.open(path)
+
+
+def test_non_finite_values_in_a_zarr_shard(tmp_path):
+    import zarr
+
+    from cache.checksum import hash_tree
+
+    path = write_cache(tmp_path / "c", "zarr", n_train=4)
+    m = read_manifest(path)
+    entry = m["shards"]["train"][1]
+    arr = zarr.open_array(str(path / entry["name"] / "layer.5"), mode="r+")
+    arr[7, 3] = float("inf")
+    entry["bytes"], entry["xxh3"] = hash_tree(path / entry["name"])
+    edit_manifest(path, lambda mm: mm["shards"]["train"].__setitem__(1, entry))
+    assert cache.verify(path) == [f"shard {entry['name']}: holds 1 non-finite values (NaN or inf) in split train, "
+                                  "layer 5: no SAE can train or be measured on them"]
+    c = cache.open(path)
+    c.verify_reads = True
+    c.read("train", 1, 5, 0, 7)  # zarr rows are checked as they are read: these are finite
+    with pytest.raises(cache.NonFiniteValuesError, match=f"shard {entry['name']} of .* in split train, layer 5"):
+        c.read("train", 1, [2, 5], 5, 9)

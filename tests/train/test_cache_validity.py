@@ -90,3 +90,26 @@ def test_a_non_finite_loss_on_finite_inputs_keeps_the_learning_rate_advice(tmp_p
     code, err = _cli(path, tmp_path / "runs", capsys, "training.lr=1e30", "training.gradient_clip_norm=null")
     assert code == 1
     assert "loss is NaN or infinite" in err and "training.lr" in err
+
+
+def test_each_layer_of_each_shard_is_checked_once_on_the_loader_thread(tmp_path, monkeypatch):
+    """The values check costs one pass over the bytes a run reads, off the training thread."""
+    import threading
+
+    import cache.validity as validity_mod
+
+    path = write_cache(tmp_path / "c", content="sparse", **SMALL).path
+    checked: list[tuple[str, int, str]] = []
+    real = validity_mod.layer_problem
+
+    def spy(name, split, layer, reader, start, stop):
+        checked.append((name, layer, threading.current_thread().name))
+        return real(name, split, layer, reader, start, stop)
+
+    monkeypatch.setattr(validity_mod, "layer_problem", spy)
+    train(tiny_config(path, tmp_path / "runs", steps=30, batch_size=64, **{"model.layer": 1}))  # 3 epochs
+    c = cache.open(path)
+    train_shards = [s.name for s in c.shards("train")]
+    assert sorted(n for n, _L, _t in checked if n.startswith("train")) == sorted(train_shards)
+    assert {(L, t) for n, L, t in checked if n.startswith("train")} == {(1, "ActivationLoader")}
+    assert sorted(n for n, _L, _t in checked if n.startswith("heldout")) == [s.name for s in c.shards("heldout")]
