@@ -65,13 +65,14 @@ def main() -> None:
     p.add_argument("--work", required=True)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--parts", default="open,verify,train", help="comma list of: open, verify, train")
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     report: dict = {"note": "2-core machine shared with other helpers' jobs: compare only ratios of this run",
                     "load_average_start": os.getloadavg()}
     checkouts = {"before": args.before, "after": args.after}
     run(args.after, "verify", args.cache, args.work, 0)  # warm the page cache
-    for what in ("open", "verify", "train"):
+    for what in args.parts.split(","):
         results: dict[str, list] = {"before": [], "after": []}
         for _ in range(args.reps):
             for name, checkout in checkouts.items():
@@ -87,7 +88,7 @@ def main() -> None:
         report[what] = entry
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
-    (Path(args.work) / "report.json").write_text(json.dumps(report, indent=1))
+    (Path(args.work) / f"report-{args.parts.replace(',', '-')}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
