@@ -14,10 +14,11 @@ then for every listed shard, in manifest order (the first failure is the shard's
 and for every split:
 8. the manifest's statistics are the shards' sums re-added in shard order (to rounding).
 
-`verify` runs all of them. A reader (`open_cache`) runs 1, 2 and 4-6 on every shard and 8 when it opens
-a cache, so a damaged cache is refused before a training creates anything; with `verify_reads` it adds
-3 when it first maps a shard and 7 when it first reads a layer of it (the training loader's thread),
-which costs one pass over the bytes read instead of a pass over the whole cache at start.
+`verify` runs all of them (reading a safetensors shard once for 3 and 7). A reader (`open_cache`)
+runs 1, 2 and 4-6 on every shard and 8 when it opens a cache, so a damaged cache is refused before a
+training creates anything; with `verify_reads` it adds 3 when it first maps a shard and 7 when it first
+reads a layer of it (the training loader's thread), which costs one pass over the bytes read instead of
+a pass over the whole cache at start.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ class Problem:
     def line(self) -> str:
         """verify's rendering: `shard train-000001.safetensors: ...` or `manifest.json: ...`."""
         return f"{MANIFEST}: {self.what}" if self.file == MANIFEST else f"shard {self.file}: {self.what}"
-
 
 
 def fix_hint(folder: Path) -> str:
