@@ -73,7 +73,7 @@ def verify_cmd(path: str) -> int:
     secs = time.perf_counter() - t0
     rate = report.bytes_checked / secs / 1e9 if secs > 0 else 0.0
     verdict = f"{len(report.problems)} problem(s)" if report.problems else "ok"
-    print(f"{verdict}: {report.shards_checked} shards, {_gb(report.bytes_checked)} hashed in {secs:.2f} s "
+    print(f"{verdict}: {report.shards_checked} shards, {_gb(report.bytes_checked)} hashed and checked in {secs:.2f} s "
           f"({rate:.2f} GB/s)")
     return 1 if report.problems else 0
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="summary of a cache").add_argument("path")
-    sub.add_parser("verify", help="re-hash every shard against the manifest").add_argument("path")
+    sub.add_parser("verify", help="check all that makes a cache valid (cache/FORMAT.md 5.1)").add_argument("path")
     args = parser.parse_args(argv)
     try:
         return info(args.path) if args.command == "info" else verify_cmd(args.path)
