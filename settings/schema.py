@@ -89,6 +89,9 @@ class HarvestConfig:
         problem = layer_spec_problem(self.layers)
         if problem:
             raise ValueError(f"harvest.layers={self.layers!r} {problem}")
+        if self.zarr_compression is not None and self.backend != "zarr":
+            raise ValueError(f"harvest.zarr_compression={self.zarr_compression} applies to harvest.backend=zarr only "
+                             f"(the backend is {self.backend}); unset it or set harvest.backend=zarr")
 
 
 @dataclass

@@ -79,6 +79,7 @@ def test_resume_and_overwrite_together_are_refused_at_load():
     ("harvest.layers=-1:", "harvest.layers='-1:'", "0 <= a < b"),
     ("harvest.output=", "harvest.output=''", "is empty"),
     ("harvest.device=", "harvest.device=''", "is empty"),
+    ("harvest.zarr_compression=zstd", "harvest.zarr_compression=zstd", "harvest.backend=zarr only"),
     ("training.cache=", "training.cache=''", "is empty"),
     ("training.output_dir=", "training.output_dir=''", "is empty"),
     ("training.run_name=..", "training.run_name='..'", "plain folder name"),
