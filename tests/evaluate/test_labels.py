@@ -43,7 +43,7 @@ def test_eval_json_records_the_settings_and_the_table_and_plot_use_them(run_and_
     root, c = run_and_cache
     run, _ = make_run(root, c.path, name="thresholds")
     cfg = load_config([run / "config.yaml"], ["evaluate.dense_threshold=0.45", "evaluate.max_tokens=100"])
-    result = evaluate_run(run, cfg, downstream=False, dashboard=False)
+    result = evaluate_run(run, cfg, downstream=False)
     on_disk = json.loads((run / "eval.json").read_text())
     assert on_disk["evaluate"] == {"dense_threshold": 0.45, "max_tokens": 100, "heldout_rows": 200}
     assert on_disk["metrics"]["tokens"] == 100
@@ -59,6 +59,9 @@ def test_eval_json_records_the_settings_and_the_table_and_plot_use_them(run_and_
     _, title, legend, _ = density_fig
     assert "held-out, 100 tokens" in title and f"dense (>45%): {on_disk['metrics']['dense']}" in title
     assert legend == ["dense: >45% of tokens"]
+    # the dashboard searches the whole split for contexts, and says its densities are of the tokens measured
+    page = (run / "dashboard.html").read_text()
+    assert "top activations over 200 held-out tokens; firing densities over the first 100 of them." in page
 
 
 def test_small_thresholds_are_not_rounded_away(run_and_cache):
