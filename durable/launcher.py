@@ -13,12 +13,19 @@ of the job sees its launcher go, so the ranks stop together. A process still run
 later (stuck in a collective whose peer is gone, say) exits at once, as torchrun itself kills a worker
 30 s after forwarding a signal; what is on disk stays as safe as after a kill -9 (atomic writes; the
 kernel releases the folder locks with the process).
+
+A launcher killed before its worker started watching (in the seconds of its imports) is no longer the
+worker's parent, so the worker cannot tell by its parent pid. torchrun's rendezvous store lives in the
+launcher (TORCHELASTIC_USE_AGENT_STORE), so the worker asks whether anything still listens there: a
+refused connection means the launcher is gone, and the worker stops (`LauncherGone`) instead of waiting
+for the store until the process group's timeout.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -28,6 +35,15 @@ POLL_SECONDS = 0.2
 GRACE_SECONDS = 30.0  # torchrun's own shutdown timeout between a forwarded signal and SIGKILL
 
 _watch: LauncherWatch | None = None
+
+
+class LauncherGone(KeyboardInterrupt):
+    """A torchrun worker found its launcher gone before it joined the job: it unwinds as on a stop
+    signal (nothing of the job is written yet); `signum` is the one it stands for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.signum = int(signal.SIGTERM)
 
 
 class LauncherWatch:
@@ -75,7 +91,34 @@ def watch_launcher(*, poll: float = POLL_SECONDS, grace: float = GRACE_SECONDS,
     rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
     who = f"rank {rank} of {world}: " if rank is not None and world is not None else ""
     _watch = LauncherWatch(os.getppid(), who, poll, grace)
+    store = _agent_store()
+    if store is not None and _refused(*store):
+        message = (f"{who}the launcher is gone (its rendezvous store at {store[0]}:{store[1]} refuses connections): "
+                   f"stopping this process before it joins the job")
+        _say(message)
+        raise LauncherGone(message)
     return _watch
+
+
+def _agent_store() -> tuple[str, int] | None:
+    """Where the launcher's own rendezvous store listens, when the workers use it (torchrun's default)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None  # the store is rank 0's, and it may not listen yet
+    try:
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _refused(host: str, port: int) -> bool:
+    """True only when the host answers that nothing listens (a timeout or an unknown host proves nothing)."""
+    try:
+        with socket.create_connection((host, port), timeout=10):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def _say(message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,3 +97,28 @@ def test_one_watch_per_process(monkeypatch):
         assert first is not None
         first.close()
     assert launcher._watch is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_worker_started_after_its_launcher_died_stops_before_joining(monkeypatch):
+    """The launcher's rendezvous store refuses connections: the worker stops instead of waiting for it."""
+    monkeypatch.setenv(launcher.TORCHRUN_ENV, "test")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nothing listens there
+    try:
+        with pytest.raises(launcher.LauncherGone, match=r"the launcher is gone \(its rendezvous store at 127.0.0.1:"):
+            launcher.watch_launcher(poll=0.05)
+    finally:
+        if launcher._watch is not None:
+            launcher._watch.close()
+    with socket.create_server(("127.0.0.1", 0)) as server:  # the store listens: the worker goes on
+        monkeypatch.setenv("MASTER_PORT", str(server.getsockname()[1]))
+        watch = launcher.watch_launcher(poll=0.05)
+        assert watch is not None
+        watch.close()

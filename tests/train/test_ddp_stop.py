@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from durable import lock
-from tests.launcher_kill import kill_group_when, launch, survivors
+from tests.launcher_kill import children, kill_group_when, launch, survivors
 from tests.train.test_ddp import overrides
 from train.checkpoint import list_checkpoints, read_checkpoint
 
@@ -62,3 +62,16 @@ def test_kill_9_of_the_launcher_group_stops_every_worker_and_resume_is_bitwise(c
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].equal(b[name]), name  # bitwise, as if never killed
+
+
+def test_a_launcher_killed_before_its_workers_joined_leaves_no_worker_waiting(cache_path, tmp_path):
+    """Killed while its workers still import: they are no longer its children when they start watching,
+    and find its rendezvous store gone instead of waiting for it (30 minutes) or training alone."""
+    log = tmp_path / "early.log"
+    job = launch(_train(cache_path, tmp_path, "early"), log)
+    workers = kill_group_when(job, lambda: len(children(job.pid)) == 2, log)
+    assert survivors(workers, within=120) == [], log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("the launcher is gone (its rendezvous store at") == 2, text[-3000:]
+    assert not (tmp_path / "early" / "checkpoints").exists()  # nothing was trained
+    assert lock.holders(cache_path) == []
