@@ -44,6 +44,16 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def workers_started(pid: int, n_workers: int = 2) -> bool:
+    """Whether the launcher `pid` has its `n_workers` workers, each in the session of its own that torchrun
+    gives it (until a worker's setsid, a kill of the launcher's group would take it too)."""
+    workers = children(pid)
+    try:
+        return len(workers) == n_workers and all(os.getsid(w) == w for w in workers)
+    except OSError:
+        return False
+
+
 def kill_group_when(launcher: subprocess.Popen, ready: Callable[[], bool], log: Path, n_workers: int = 2,
                     timeout: float = 300) -> list[int]:
     """Wait until `ready()` (the job is under way), then kill -9 the launcher's process group; returns

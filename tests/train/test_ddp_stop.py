@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from durable import lock
-from tests.launcher_kill import children, kill_group_when, launch, survivors
+from tests.launcher_kill import kill_group_when, launch, survivors, workers_started
 from tests.train.test_ddp import overrides
 from train.checkpoint import list_checkpoints, read_checkpoint
 
@@ -69,7 +69,7 @@ def test_a_launcher_killed_before_its_workers_joined_leaves_no_worker_waiting(ca
     and find its rendezvous store gone instead of waiting for it (30 minutes) or training alone."""
     log = tmp_path / "early.log"
     job = launch(_train(cache_path, tmp_path, "early"), log)
-    workers = kill_group_when(job, lambda: len(children(job.pid)) == 2, log)
+    workers = kill_group_when(job, lambda: workers_started(job.pid), log)
     assert survivors(workers, within=120) == [], log.read_text()[-3000:]
     text = log.read_text()
     assert text.count("the launcher is gone (its rendezvous store at") == 2, text[-3000:]
