@@ -23,6 +23,7 @@ for the store until the process group's timeout.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -72,7 +73,9 @@ class LauncherWatch:
         """Stop watching (tests; a process that outlives its job)."""
         global _watch
         self._closed.set()
-        self._thread.join()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        atexit.unregister(self.close)
         if _watch is self:
             _watch = None
 
@@ -91,6 +94,9 @@ def watch_launcher(*, poll: float = POLL_SECONDS, grace: float = GRACE_SECONDS,
     rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
     who = f"rank {rank} of {world}: " if rank is not None and world is not None else ""
     _watch = LauncherWatch(os.getppid(), who, poll, grace)
+    # Ended before the interpreter finalizes: a daemon thread still waiting then is stopped by
+    # pthread_exit, which can abort the process ("terminate called without an active exception").
+    atexit.register(_watch.close)
     store = _agent_store()
     if store is not None and _refused(*store):
         message = (f"{who}the launcher is gone (its rendezvous store at {store[0]}:{store[1]} refuses connections): "
