@@ -25,7 +25,8 @@ def collect(run_dirs: list[Path]) -> tuple[list[dict], list[str]]:
             m = ev["metrics"]
             rows.append({"run": ev["run"], "type": ev["sae"]["type"], "layers": ev["sae"]["layers"],
                          "d_sae": ev["sae"]["d_sae"], "cache": ev["cache"], "l0": m["l0"], "fvu": m["fvu"],
-                         "dead_fraction": m["dead_fraction"], "downstream": ev.get("downstream", {})})
+                         "dead_fraction": m["dead_fraction"], "downstream": ev.get("downstream", {}),
+                         "tokens": m.get("tokens")})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             notes.append(f"{f}: unreadable ({type(e).__name__}: {e})")
     return rows, notes
@@ -64,5 +65,15 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path,
     text = markdown(rows) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
     (out_dir / "compare.md").write_text(text + "\n")
     plotted = [r for r in rows if r["l0"] is not None and r["fvu"] is not None]
-    plot = frontier_plot(plotted, out_dir / "fvu_vs_l0.png") if plotted else None
+    plot = frontier_plot(plotted, out_dir / "fvu_vs_l0.png", heldout_label(plotted)) if plotted else None
     return text, plot
+
+
+def heldout_label(rows: list[dict]) -> str:
+    """The plot's axis note: the held-out size the runs were measured on (a range when they differ)."""
+    sizes = sorted({r["tokens"] for r in rows if isinstance(r.get("tokens"), int)})
+    if not sizes:
+        return "held-out"
+    if len(sizes) == 1:
+        return f"held-out, {sizes[0]:,} tokens"
+    return f"held-out, {sizes[0]:,} to {sizes[-1]:,} tokens (runs measured on different sizes)"

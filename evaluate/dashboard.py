@@ -135,9 +135,12 @@ def write_dashboard(path: str | Path, sae: BaseSAE, cache: Cache, result: dict, 
     effects = logit_effects(sae, unembed, features) if unembed is not None else None
     groups = _groups(sae.cfg.group_sizes, sae.cfg.latent_size)
     parts = [_HEAD.format(title=html.escape(f"{result['run']}: feature dashboard"))]
+    # contexts come from the whole held-out split; densities from the tokens measured (evaluate.max_tokens)
+    split_rows, measured = cache.num_rows("heldout"), int(result["metrics"]["tokens"])
+    densities = "" if measured >= split_rows else f"; firing densities over the first {measured:,} of them"
     parts.append(f"<h1>{html.escape(result['run'])}</h1><p>{html.escape(result['sae']['type'])}, block(s) "
                  f"{result['sae']['layers']}, {len(features)} features shown of {len(density)}; contexts are the "
-                 f"top activations over {int(result['metrics']['tokens']):,} held-out tokens.</p>")
+                 f"top activations over {split_rows:,} held-out tokens{densities}.</p>")
     if effects is not None:
         parts.append("<p>Promoted / suppressed: the output tokens whose logits the latent's decoder direction raises / "
                      "lowers most (through the unembedding, the final norm's gain folded in).</p>")

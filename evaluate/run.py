@@ -18,6 +18,7 @@ import durable
 from cache import Cache
 from durable import lock as durable_lock
 from evaluate.heldout import heldout_metrics
+from evaluate.labels import SETTINGS_KEY, dense_label, tokens_label
 from sae import BaseSAE, load_sae
 from sae.base import CONFIG_FILE as SAE_CONFIG_FILE
 from sae.measure import PREFIXES_KEY, ROUTING_KEY
@@ -101,6 +102,9 @@ def _evaluate_on(run_dir: Path, cfg: Config, sae: BaseSAE, meta: dict, c: Cache,
                 "d_sae": sae.cfg.latent_size, "k": sae.cfg.k, "group_sizes": sae.cfg.group_sizes},
         "cache": str(c.path),
         "split": "heldout",
+        # the settings the figures depend on, so that a table or plot made later labels them as measured
+        SETTINGS_KEY: {"dense_threshold": ev.dense_threshold, "max_tokens": ev.max_tokens,
+                       "heldout_rows": c.num_rows("heldout")},
         **heldout_metrics(sae, c, batch_size=ev.batch_size, max_tokens=ev.max_tokens,
                           l1_coefficient=cfg.training.l1_coefficient, dense_threshold=ev.dense_threshold,
                           device=device),
@@ -174,8 +178,7 @@ _TABLE_ROWS = [
     ("explained_variance", "explained variance", "{:.4f}"),
     ("explained_variance_legacy", "explained variance (SAELens legacy)", "{:.4f}"),
     ("mse", "MSE (normalised)", "{:.4g}"), ("mse_raw", "MSE (raw)", "{:.4g}"), ("l0", "L0", "{:.2f}"),
-    ("l1", "L1", "{:.4g}"), ("dead_fraction", "dead latents", "{:.2%}"), ("dense_fraction", "dense latents (>10%)",
-                                                                          "{:.2%}"),
+    ("l1", "L1", "{:.4g}"), ("dead_fraction", "dead latents", "{:.2%}"), ("dense_fraction", "dense latents", "{:.2%}"),
     ("cosine_similarity", "cosine similarity", "{:.4f}"), ("l2_ratio", "l2 ratio", "{:.4f}"),
     ("relative_reconstruction_bias", "relative reconstruction bias", "{:.4f}"),
 ]
@@ -192,7 +195,8 @@ def format_table(result: dict) -> str:
     sae = result["sae"]
     lines = [f"## {result['run']}: {sae['type']} on block(s) {sae['layers']}, d_sae {sae['d_sae']}", "",
              "| metric | value |", "| --- | --- |"]
-    lines += _rows(result["metrics"], _TABLE_ROWS)
+    labels = {"tokens": tokens_label(result), "dense_fraction": dense_label(result)}
+    lines += _rows(result["metrics"], [(key, labels.get(key, label), fmt) for key, label, fmt in _TABLE_ROWS])
     down = result.get("downstream", {})
     if "skipped" in down:
         lines.append(f"| downstream | skipped: {down['skipped']} |")

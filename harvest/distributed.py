@@ -32,6 +32,7 @@ from cache import folder
 from cache import manifest as manifest_mod
 from cache.merge import finish_merge, merge_ranks, rank_folder
 from cache.names import DISTRIBUTED_KEY, SPLITS
+from durable.launcher import watch_launcher
 from harvest.model import HarvestError
 from harvest.run import (
     FINISHED_KEY,
@@ -71,6 +72,9 @@ def window_owner(rank: int, world: int, shuffle_window: int) -> Callable[[str, i
 def harvest_distributed(cfg: Config, *, progress: bool = True) -> HarvestSummary:
     """Stage 1 as one rank of a torchrun job (WORLD_SIZE > 1); every rank returns the merged cache's summary."""
     rank, world, local_rank = world_from_env()
+    # A kill -9 of torchrun stops this worker too: SIGTERM, which commits its complete shards and stops
+    # (harvest.__main__), instead of harvesting and merging alone (durable.launcher).
+    watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     t0 = time.perf_counter()

@@ -113,6 +113,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.strip().startswith("{"):
+        value = raw  # `harvest.layers=2:` is an open range, not YAML's mapping {2: null}
     return key, value
 
 

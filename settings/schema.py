@@ -8,7 +8,8 @@ because the cache holds tokens (the one stated difference from that README).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from sae.config import SAESettings
@@ -30,6 +31,18 @@ class ModelConfig(SAESettings):
     trust_remote_code: bool = False
     device_map: str | None = None  # e.g. "auto" to shard a large model across GPUs (accelerate)
 
+    def validate(self) -> None:
+        try:
+            super().validate()  # the SAE's own settings (sae.config), which name the key without its section
+        except (TypeError, ValueError) as e:
+            raise type(e)(_in_model_section(str(e), self)) from e
+        _at_least("model", self, 1, "hidden_size", "end_layer")
+        _at_least("model", self, 0, "layer", "start_layer")
+        if self.start_layer is not None and self.end_layer is not None and self.start_layer >= self.end_layer:
+            raise ValueError(f"model.start_layer={self.start_layer} must be below model.end_layer={self.end_layer} "
+                             f"(a half-open range of blocks)")
+        _not_empty("model", self, "language_model_path", "revision", "device_map")
+
 
 @dataclass
 class DataConfig:
@@ -46,6 +59,7 @@ class DataConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        _not_empty("data", self, "train_path", "dataset_name", "dataset_split", "text_field")
         _at_least("data", self, 1, "max_length", "max_samples")
         _fraction("data", self, "heldout_fraction")
         _at_least("data", self, 0, "seed")
@@ -70,7 +84,14 @@ class HarvestConfig:
     overwrite: bool = False  # replace a different cache at `output`
 
     def validate(self) -> None:
+        _not_empty("harvest", self, "output", "device")
         _at_least("harvest", self, 1, "shard_rows", "batch_size", "max_tokens", "shuffle_window")
+        problem = layer_spec_problem(self.layers)
+        if problem:
+            raise ValueError(f"harvest.layers={self.layers!r} {problem}")
+        if self.zarr_compression is not None and self.backend != "zarr":
+            raise ValueError(f"harvest.zarr_compression={self.zarr_compression} applies to harvest.backend=zarr only "
+                             f"(the backend is {self.backend}); unset it or set harvest.backend=zarr")
 
 
 @dataclass
@@ -112,6 +133,8 @@ class TrainingConfig:
 
     def validate(self) -> None:
         p = "training"
+        _not_empty(p, self, "cache", "output_dir", "device")
+        _plain_name(p, self, "run_name")
         _finite_positive(p, self, "lr", "eps", "num_epochs")
         _finite_positive(p, self, "gradient_clip_norm")
         _at_least(p, self, 1, "batch_size", "tokens", "steps", "checkpoint_every", "log_every",
@@ -131,6 +154,9 @@ class WandbConfig:
     project: str = "sae-cache"
     entity: str | None = None
 
+    def validate(self) -> None:
+        _not_empty("wandb", self, "project", "entity")
+
 
 @dataclass
 class EvaluateConfig:
@@ -145,6 +171,7 @@ class EvaluateConfig:
     dashboard_contexts: int = 8
 
     def validate(self) -> None:
+        _not_empty("evaluate", self, "run")
         _at_least("evaluate", self, 1, "max_tokens", "batch_size", "dashboard_contexts")
         _at_least("evaluate", self, 0, "downstream_sequences", "dashboard_features")
         _fraction("evaluate", self, "dense_threshold")
@@ -189,3 +216,63 @@ def _fraction(section: str, obj: object, *keys: str) -> None:
         value = getattr(obj, key)
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"{section}.{key}={value} must be a number in [0, 1]")
+
+
+def _in_model_section(message: str, settings: object) -> str:
+    """sae.config's "k=0 must be ..." / "SAE config key 'k' must be ..." as "model.k=0 must be ..." /
+    "model.k must be ..."; a message that does not start with a key (a rule over several) is kept whole
+    (it names model.<key> itself)."""
+    typed = re.match(r"SAE config key '(\w+)' (.*)", message, re.S)
+    if typed:
+        return f"model.{typed[1]} {typed[2]}"
+    first = re.match(r"\w+", message)
+    if first and first[0] in {f.name for f in fields(settings)}:  # type: ignore[arg-type]
+        return f"model.{message}"
+    return message
+
+
+def _not_empty(section: str, obj: object, *keys: str) -> None:
+    """A path or name given as an empty string would mean the current folder (or nothing): refused."""
+    for key in keys:
+        value = getattr(obj, key)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{section}.{key}={value!r} is empty; give a value (or leave the key out for its default)")
+
+
+def _plain_name(section: str, obj: object, *keys: str) -> None:
+    """A folder name inside another folder: no path separators, not '.' or '..' (which would leave it)."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and (not value.strip() or value in (".", "..") or "/" in value or "\\" in value):
+            raise ValueError(f"{section}.{key}={value!r} must be a plain folder name (no slashes, not . or ..)")
+
+
+def layer_spec_problem(spec: str | list[int]) -> str | None:
+    """What is wrong with a `harvest.layers` value before the model is known (None if nothing): "all",
+    a list or "1,4,7" of blocks >= 0, or a half-open range "a:b" (either end may be left out) with
+    0 <= a < b. Whether the blocks exist is checked when the model is loaded (harvest.model)."""
+    allowed = "use all, a list of blocks such as [1, 4], 1,4,7, or a half-open range a:b such as 2:5"
+    if isinstance(spec, list):
+        numbers = spec
+    else:
+        text = spec.strip()
+        if text == "all":
+            return None
+        if ":" in text:
+            start_s, _, stop_s = text.partition(":")
+            try:
+                start = int(start_s) if start_s.strip() else 0
+                stop = int(stop_s) if stop_s.strip() else None
+            except ValueError:
+                return f"is not a layer spec; {allowed}"
+            if start < 0 or (stop is not None and stop <= start):
+                return f"is not a half-open range a:b with 0 <= a < b; {allowed}"
+            return None
+        try:
+            numbers = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            return f"is not a layer spec; {allowed}"
+    if not numbers:
+        return f"names no block; {allowed}"
+    negative = [n for n in numbers if n < 0]
+    return f"has negative block(s) {negative}; blocks are numbered from 0" if negative else None

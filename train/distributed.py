@@ -15,6 +15,9 @@ the same rows, up to float rounding. How each piece keeps it:
   estimate) it computes itself through the `Collective` this class implements (`sae.use_collective`).
 - Metrics are reduced (token-weighted means; `loss` is the global total) on every rank; only rank 0
   writes checkpoints, metrics.jsonl, wandb and the final SAE.
+- The job stops as a whole: a signal torchrun forwards stops every rank at one step (train.preempt), and
+  a worker whose launcher is gone (a kill -9 of torchrun) sends itself SIGTERM (durable.launcher), so
+  it checkpoints and stops with the others instead of finishing the run alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from durable.launcher import watch_launcher
 
 # A peer that dies makes gloo fail the survivors' next collective; this bounds a silent hang.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -58,6 +63,7 @@ class DataParallel:
         if world <= 1:
             return None
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        watch_launcher()  # a kill -9 of torchrun stops this worker too (durable.launcher), before it joins
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
