@@ -22,6 +22,7 @@ import torch
 from durable import describe_os_error
 from durable import lock as durable_lock
 
+from . import encoding
 from . import folder as folder_mod
 from . import manifest, shardio
 from .buffer import Buffers, Event, ShardAssembler
@@ -118,7 +119,9 @@ class CacheWriter:
         workers = default_workers() if workers is None else _check_int("workers", workers)
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        shard_bytes = len(layers) * shard_rows * d_model * STORED_DTYPES[dtype].itemsize
+        # Rows wait for their shard in the stored dtype, or in float32 for an 8-bit one (encoded per shard).
+        self._stored = STORED_DTYPES.get(dtype, encoding.DECODED_DTYPE)
+        shard_bytes = len(layers) * shard_rows * d_model * self._stored.itemsize
         if max_inflight is None:
             # Small shards: more of them, so that many share a manifest rewrite; large ones: a memory cap.
             wanted = max(workers + 1, min(16, GROUP_BYTES // shard_bytes))
@@ -133,7 +136,6 @@ class CacheWriter:
         self.layers = [int(x) for x in layers]
         self.d_model, self.dtype, self.backend = d_model, dtype, backend
         self.shard_rows, self.zarr_compression = shard_rows, zarr_compression
-        self._stored = STORED_DTYPES[dtype]
         requested = manifest.new(
             identity=folder_mod.json_roundtrip(identity, "identity"),
             metadata=folder_mod.json_roundtrip(metadata, "metadata"), layers=self.layers,
@@ -176,8 +178,9 @@ class CacheWriter:
             raise ValueError(f"layers must be a non-empty list of distinct block numbers >= 0, got {layers!r}")
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if dtype not in STORED_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(STORED_DTYPES)}, got {dtype!r}")
+        if dtype not in STORED_DTYPES and not encoding.is_encoded(dtype):
+            raise ValueError(f"dtype must be one of {sorted(STORED_DTYPES) + list(encoding.ENCODED_DTYPES)}, "
+                             f"got {dtype!r}")
         if not isinstance(shard_rows, int) or shard_rows < 1:
             raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}")
         if backend not in BACKENDS:
@@ -315,6 +318,16 @@ class CacheWriter:
         assert isinstance(shard, _Shard)
         if shard.event is not None:
             shard.event.synchronize()
+        codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if encoding.is_encoded(self.dtype):
+            # 8-bit: encode the float32 rows here, on a worker thread; the statistics are of the decoded
+            # values (the GPU's sums, if any, were of the rows before encoding).
+            try:
+                codes = [encoding.encode(torch.cat(p) if len(p) > 1 else p[0]) for p in shard.acts]
+            except ValueError as exc:
+                raise ValueError(f"shard {job.name}: {exc}") from None
+            shard.acts = [[encoding.decode(q, s, c)] for q, s, c in codes]
+            shard.sums = shard.sq = None
         if shard.sums is None:
             sums, sq = host_row_sums(shard.acts, job.rows, self.d_model)
         else:
@@ -326,6 +339,10 @@ class CacheWriter:
             raise ValueError(f"shard {job.name}: {exc}") from None
         tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
             layer_key(L): shard.acts[i] for i, L in enumerate(self.layers)}
+        for L, (q, s, c) in zip(self.layers, codes, strict=False):  # 8-bit: codes and scales instead
+            tensors[layer_key(L)] = q
+            tensors[encoding.row_scale_key(L)] = s
+            tensors[encoding.col_scale_key(L)] = c
         tensors.update(shard.tokens)
         for layer, s in per_layer.items():
             k_sum, k_sq, k_norm = stat_keys(layer)

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache import encoding
+
 _TAG_BLOCKS, _TAG_ROWS = 1, 2  # keep the block and row permutations' seed streams apart
 _POLL_S = 0.05  # how often a blocked put/get re-checks the stop flag
 
@@ -130,7 +132,7 @@ class _Source:
     def __init__(self, loader: ActivationLoader) -> None:
         self._loader, self._cache, self._split, self._layers = loader, loader.cache, loader.split, loader.layers
         self._stacked = loader.stacked
-        self._views: OrderedDict[int, list[np.ndarray]] | None = \
+        self._views: OrderedDict[int, list] | None = \
             OrderedDict() if loader.cache.backend == "safetensors" else None
 
     def fill(self, dest: np.ndarray, shard: int, starts: np.ndarray, lengths: np.ndarray) -> None:
@@ -148,17 +150,27 @@ class _Source:
         first = np.cumsum(lengths) - lengths
         rows = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
         for j, view in enumerate(self._shard_views(shard)):
-            if self._stacked:  # take() into a strided destination is slow; copy through a temporary
+            if isinstance(view, tuple):  # an 8-bit cache: decode the taken codes into the float32 buffer
+                q, s, c = view
+                encoding.decode_numpy(np.take(q, rows, axis=0), s[rows], c,
+                                      out=dest[:, j] if self._stacked else dest)
+            elif self._stacked:  # take() into a strided destination is slow; copy through a temporary
                 np.copyto(dest[:, j], np.take(view, rows, axis=0))
             else:
                 np.take(view, rows, axis=0, out=dest, mode="clip")  # rows are in range by construction
 
-    def _shard_views(self, shard: int) -> list[np.ndarray]:
+    def _shard_views(self, shard: int) -> list:
+        """Per layer, the shard's rows (np.ndarray), or for an 8-bit cache its (codes, row scales, column
+        scales): zero-copy views of the memory map either way."""
         cached = self._views
         assert cached is not None  # only the safetensors path keeps views
         views = cached.pop(shard, None)
         if views is None:
-            views = [_as_numpy(self._cache.read(self._split, shard, layer)) for layer in self._layers]
+            if self._cache.encoded:
+                views = [tuple(t.numpy() for t in self._cache.read_encoded(self._split, shard, layer))
+                         for layer in self._layers]
+            else:
+                views = [_as_numpy(self._cache.read(self._split, shard, layer)) for layer in self._layers]
         cached[shard] = views
         if len(cached) > self.KEEP_SHARDS:
             cached.popitem(last=False)

@@ -1,0 +1,90 @@
+"""The 8-bit store dtype `int8`: signed 8-bit codes with a float32 scale per row and one per column.
+
+Residual streams of causal LMs have a few dimensions whose values are tens of times larger than the
+rest (SmolLM2-135M: the largest column RMS is 23-43 times the median). One absmax scale per row then
+spends most of the 8 bits on those dimensions and leaves the others a few levels: 3.0-3.5% relative
+error per layer there, and fp8 e4m3 with a row scale 1.9-2.2%. Dividing each column by its RMS over
+the shard first evens them out, so the row's absmax scale fits the bulk: 0.8% on every layer of both
+models measured (bench/RESULTS.md, "8-bit cache"). The column scales cost 4 * d_model bytes per
+shard and layer, nothing per row.
+
+The format (FORMAT.md section 2.1), for one layer of one shard with rows x [n, d] in float32:
+
+    c[j] = float32(sqrt(sum_i x[i, j]^2 / n))      computed in float64; a column of zeros gets 1
+    y    = x / c                                   float32 division, per element
+    s[i] = float32(max_j |y[i, j]|) / 127          float32 division; 0 for a row of zeros
+    q    = clamp(round_half_even(y / s), -127, 127) as int8 (0 where s == 0)
+
+and the decoded value, the one every reader and the statistics use, is
+
+    x'[i, j] = (float32(q[i, j]) * s[i]) * c[j]    two float32 products, in this order
+
+IEEE float32 products and quotients are correctly rounded on every CPU and GPU, so decoding gives
+the same bits everywhere. Only the decoding rule is normative: a writer may choose c and s otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+INT8 = "int8"
+ENCODED_DTYPES: tuple[str, ...] = (INT8,)
+QMAX = 127
+CODE_DTYPE = torch.int8
+SCALE_DTYPE = torch.float32
+DECODED_DTYPE = torch.float32  # what decoding gives; the loader casts it to the training dtype
+
+
+def is_encoded(dtype_name: str) -> bool:
+    """Whether a manifest `dtype` is one of the 8-bit encodings (codes plus scales)."""
+    return dtype_name in ENCODED_DTYPES
+
+
+def row_scale_key(layer: int) -> str:
+    return f"scale.{layer}.row"
+
+
+def col_scale_key(layer: int) -> str:
+    return f"scale.{layer}.col"
+
+
+def column_scale(x: torch.Tensor) -> torch.Tensor:
+    """c [d] float32: each column's root mean square over the rows of x [n, d] (1 for a zero column)."""
+    wide = x.to(torch.float64)
+    c = torch.sqrt((wide * wide).sum(dim=0) / max(x.shape[0], 1)).to(torch.float32)
+    return torch.where(c > 0, c, torch.ones_like(c))
+
+
+def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [n, d] (any float dtype, any device) -> (q int8 [n, d], s float32 [n], c float32 [d]).
+
+    Works on the device of x. Raises ValueError on non-finite values (they have no code)."""
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them")
+    c = column_scale(x)
+    y = x / c
+    s = y.abs().amax(dim=1) / QMAX if y.shape[1] else torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(y / safe[:, None]).clamp_(-QMAX, QMAX)
+    q = torch.where(s[:, None] > 0, q, torch.zeros_like(q))
+    return q.to(CODE_DTYPE), s, c
+
+
+def decode(q: torch.Tensor, s: torch.Tensor, c: torch.Tensor, dtype: torch.dtype = DECODED_DTYPE) -> torch.Tensor:
+    """(q [..., d] int8, s [...] float32, c [d] float32) -> x' [..., d] in `dtype`, on q's device.
+
+    The decoded float32 values (module docstring), then cast to `dtype`: the same bits on a CPU and a GPU."""
+    x = (q.to(torch.float32) * s.unsqueeze(-1)) * c
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
+def decode_numpy(q: np.ndarray, s: np.ndarray, c: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The same decoding in numpy, for threads that must not start torch's thread pool (the loader):
+    q [n, d] int8, s [n] float32, c [d] float32 -> float32 [n, d], written into `out` when given."""
+    out = np.empty(q.shape, dtype=np.float32) if out is None else out
+    np.multiply(q, s[:, None], out=out, dtype=np.float32)
+    np.multiply(out, c[None, :], out=out)
+    return out
