@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from . import encoding
+from . import encoding, shardio
 from . import manifest as manifest_mod
-from . import shardio
 from .checksum import hash_shard, shard_size
 from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
 from .stats import LayerStats, from_manifest

@@ -22,9 +22,8 @@ import torch
 from durable import describe_os_error
 from durable import lock as durable_lock
 
-from . import encoding
+from . import encoding, manifest, shardio
 from . import folder as folder_mod
-from . import manifest, shardio
 from .buffer import Buffers, Event, ShardAssembler
 from .names import (
     BACKENDS,
@@ -339,10 +338,10 @@ class CacheWriter:
             raise ValueError(f"shard {job.name}: {exc}") from None
         tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
             layer_key(L): shard.acts[i] for i, L in enumerate(self.layers)}
-        for L, (q, s, c) in zip(self.layers, codes, strict=False):  # 8-bit: codes and scales instead
+        for L, (q, row, col) in zip(self.layers, codes, strict=False):  # 8-bit: codes and scales instead
             tensors[layer_key(L)] = q
-            tensors[encoding.row_scale_key(L)] = s
-            tensors[encoding.col_scale_key(L)] = c
+            tensors[encoding.row_scale_key(L)] = row
+            tensors[encoding.col_scale_key(L)] = col
         tensors.update(shard.tokens)
         for layer, s in per_layer.items():
             k_sum, k_sq, k_norm = stat_keys(layer)

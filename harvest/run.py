@@ -294,7 +294,7 @@ def _prepare(cfg: Config) -> _Run:
     device = resolve_device(hv.device, key="harvest.device")
     compute_dtype = resolve_dtype(hv.dtype, device)
     if is_encoded(hv.store_dtype):  # the writer encodes float32 rows shard by shard
-        store_dtype, store_name = torch.float32, hv.store_dtype
+        store_dtype, store_name = torch.float32, str(hv.store_dtype)
     else:
         store_dtype = compute_dtype if hv.store_dtype == "auto" else resolve_dtype(hv.store_dtype, device,
                                                                                     key="harvest.store_dtype")
