@@ -1,0 +1,138 @@
+"""The 8-bit cache (issue 14): what it costs in reconstruction error and in the trained SAE.
+
+    python bench/bench_int8.py error CACHE [--shards 2]
+        Relative error per layer of the stored rows against the float32 rows of a float32 CACHE, for
+        the encoding kept (`int8`: per-column RMS and per-row absmax scales, cache/encoding.py) and the
+        candidates measured against it: int8 with a per-row absmax scale only, float8_e4m3fn with a
+        per-row scale, float8_e4m3fn with both scales; bfloat16 as the reference. `rel` is
+        sqrt(sum |x' - x|^2 / sum |x|^2) over the rows; `noise/var` is sum |x' - x|^2 over the rows'
+        total variance (sum |x - mean|^2): the FVU a perfect reconstruction of x' scores against x.
+
+    python bench/bench_int8.py fvu RUN_A RUN_B --heldout CACHE
+        Held-out metrics of two trained SAEs (their run folders) on CACHE's held-out split (the float32
+        rows), and the FVU difference.
+
+    python bench/bench_int8.py bytes CACHE_8BIT CACHE_REF
+        Bytes on disk per token-layer of the activations, against 2 * d_model (bfloat16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cache  # noqa: E402
+from cache import encoding  # noqa: E402
+
+
+def _int8_row(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(dim=1, keepdim=True) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(x / s).clamp(-127, 127) * s
+
+
+def _fp8_row(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(dim=1, keepdim=True) / 448  # float8_e4m3fn's largest finite value
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (x / s).to(torch.float8_e4m3fn).to(torch.float32) * s
+
+
+def _fp8_col_row(x: torch.Tensor) -> torch.Tensor:
+    c = encoding.column_scale(x)
+    return _fp8_row(x / c) * c
+
+
+CANDIDATES = {
+    "bfloat16": lambda x: x.to(torch.bfloat16).to(torch.float32),
+    "int8 (kept: column RMS + row absmax)": lambda x: encoding.decode(*encoding.encode(x)),
+    "int8, row absmax only": _int8_row,
+    "fp8 e4m3, row scale": _fp8_row,
+    "fp8 e4m3, column + row scales": _fp8_col_row,
+}
+
+
+def error(path: str, shards: int) -> None:
+    c = cache.open(path)
+    if c.manifest["dtype"] != "float32":
+        raise SystemExit(f"{path} stores {c.manifest['dtype']}; the error is measured against float32 rows")
+    n = min(shards, len(c.shards("train")))
+    print(f"cache {path}: first {n} train shard(s), each encoded as one shard; layers {c.layers}, d {c.d_model}")
+    names = list(CANDIDATES)
+    print("| layer | max column RMS / median | " + " | ".join(f"{k}: rel, noise/var" for k in names) + " |")
+    print("| --- " * (len(names) + 2) + "|")
+    for layer in c.layers:
+        err = {k: 0.0 for k in names}
+        total = var = 0.0
+        ratio = 0.0
+        for i in range(n):
+            x = c.read("train", i, layer).to(torch.float32)
+            x64 = x.to(torch.float64)
+            total += float((x64 * x64).sum())
+            var += float(((x64 - x64.mean(0)) ** 2).sum())
+            col = torch.sqrt((x64 * x64).mean(0))
+            ratio = max(ratio, float(col.max() / col.median()))
+            for k, f in CANDIDATES.items():
+                e = f(x).to(torch.float64) - x64
+                err[k] += float((e * e).sum())
+        cells = " | ".join(f"{np.sqrt(err[k] / total):.4f}, {err[k] / var:.1e}" for k in names)
+        print(f"| {layer} | {ratio:.1f} | {cells} |", flush=True)
+
+
+def fvu(run_a: str, run_b: str, heldout: str) -> None:
+    from evaluate.heldout import heldout_metrics
+    from sae import load_sae
+
+    c = cache.open(heldout)
+    out = {}
+    for run in (run_a, run_b):
+        sae, _ = load_sae(Path(run) / "sae")
+        m = heldout_metrics(sae, c)
+        summary = json.loads((Path(run) / "train_summary.json").read_text()) if (Path(run) / "train_summary.json").exists() else {}
+        out[run] = m
+        print(f"{run}: trained on {summary.get('cache', '?')}; held-out ({heldout}, {c.manifest['dtype']}) "
+              f"FVU {m['fvu']:.5f}, L0 {m.get('l0', float('nan')):.2f}, dead {m.get('dead_fraction', float('nan'))}")
+    print(f"FVU difference ({run_a} - {run_b}): {out[run_a]['fvu'] - out[run_b]['fvu']:+.5f}")
+
+
+def size(path_8bit: str, path_ref: str) -> None:
+    for path in (path_8bit, path_ref):
+        c = cache.open(path)
+        tokens = sum(c.num_rows(s) for s in c.splits)
+        act = sum(e["bytes"] for s in c.splits for e in c.manifest["shards"][s])
+        per = act / tokens / len(c.layers)
+        print(f"{path} ({c.manifest['dtype']}, {c.backend}): {per:.1f} bytes per token-layer on disk "
+              f"(shards, token fields and statistics included) = {per / (2 * c.d_model):.4f} of 2*d_model "
+              f"({2 * c.d_model} bytes, bfloat16)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("error")
+    e.add_argument("cache")
+    e.add_argument("--shards", type=int, default=2)
+    f = sub.add_parser("fvu")
+    f.add_argument("run_a")
+    f.add_argument("run_b")
+    f.add_argument("--heldout", required=True)
+    b = sub.add_parser("bytes")
+    b.add_argument("cache_8bit")
+    b.add_argument("cache_ref")
+    a = p.parse_args()
+    if a.cmd == "error":
+        error(a.cache, a.shards)
+    elif a.cmd == "fvu":
+        fvu(a.run_a, a.run_b, a.heldout)
+    else:
+        size(a.cache_8bit, a.cache_ref)
+
+
+if __name__ == "__main__":
+    main()
