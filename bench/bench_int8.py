@@ -94,7 +94,8 @@ def fvu(run_a: str, run_b: str, heldout: str) -> None:
     for run in (run_a, run_b):
         sae, _ = load_sae(Path(run) / "sae")
         m = heldout_metrics(sae, c)
-        summary = json.loads((Path(run) / "train_summary.json").read_text()) if (Path(run) / "train_summary.json").exists() else {}
+        summary_file = Path(run) / "train_summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         out[run] = m
         print(f"{run}: trained on {summary.get('cache', '?')}; held-out ({heldout}, {c.manifest['dtype']}) "
               f"FVU {m['fvu']:.5f}, L0 {m.get('l0', float('nan')):.2f}, dead {m.get('dead_fraction', float('nan'))}")
