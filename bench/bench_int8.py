@@ -14,6 +14,12 @@
 
     python bench/bench_int8.py bytes CACHE_8BIT CACHE_REF
         Bytes on disk per token-layer of the activations, against 2 * d_model (bfloat16).
+
+    flock /work/bench.lock python bench/bench_int8.py loader CACHE_INT8 CACHE_BF16 [--layer 2 --steps 40]
+        One TopK trainer (bench_loader.py's step: d_sae 3072, k 32, batch 4096) fed alternately, step by
+        step, by the ActivationLoader over the int8 cache and over the bfloat16 cache of the same tokens
+        (float32 batches from both), so that load from other processes hits both alike; tokens/s from the
+        median step time, and each loader alone (a consumer that does nothing).
 """
 
 from __future__ import annotations
@@ -113,6 +119,45 @@ def size(path_8bit: str, path_ref: str) -> None:
               f"({2 * c.d_model} bytes, bfloat16)")
 
 
+def loader(path_a: str, path_b: str, layer: int, steps: int) -> None:
+    import statistics
+    import time
+
+    from bench.bench_loader import BATCH, Trainer
+    from train.data import ActivationLoader
+
+    caches = {p: cache.open(p) for p in (path_a, path_b)}
+    loaders = {p: ActivationLoader(c, layer, BATCH, seed=0) for p, c in caches.items()}
+    its = {p: ld.batches() for p, ld in loaders.items()}
+    trainer = Trainer(next(its[path_a]).x)
+    times: dict[str, list[float]] = {p: [] for p in caches}
+    for i in range(steps + 2):
+        for p, it in its.items():
+            t = time.perf_counter()
+            trainer.step(next(it).x)
+            if i >= 2:  # warm-up: first touches, allocator, MKL
+                times[p].append(time.perf_counter() - t)
+    for ld in loaders.values():
+        ld.close()
+    alone = {}
+    for p, c in caches.items():
+        with ActivationLoader(c, layer, BATCH, seed=1) as ld:
+            it = ld.batches()
+            next(it)
+            t = time.perf_counter()
+            for _ in range(60):
+                next(it)
+            alone[p] = 60 * BATCH / (time.perf_counter() - t)
+    rate = {p: BATCH / statistics.median(v) for p, v in times.items()}
+    print(f"(ran on the shared 2-core machine while other helpers may have used the CPU; {steps} steps each, "
+          f"alternating; torch threads {torch.get_num_threads()})")
+    for p in caches:
+        print(f"{p} ({caches[p].manifest['dtype']}): TopK fed by the loader {rate[p]:,.0f} tokens/s (median step); "
+              f"loader alone {alone[p]:,.0f} tokens/s")
+    print(f"ratio {path_a} / {path_b}: training {rate[path_a] / rate[path_b]:.3f}, loader alone "
+          f"{alone[path_a] / alone[path_b]:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,11 +171,18 @@ def main() -> None:
     b = sub.add_parser("bytes")
     b.add_argument("cache_8bit")
     b.add_argument("cache_ref")
+    ld = sub.add_parser("loader")
+    ld.add_argument("cache_a")
+    ld.add_argument("cache_b")
+    ld.add_argument("--layer", type=int, default=2)
+    ld.add_argument("--steps", type=int, default=40)
     a = p.parse_args()
     if a.cmd == "error":
         error(a.cache, a.shards)
     elif a.cmd == "fvu":
         fvu(a.run_a, a.run_b, a.heldout)
+    elif a.cmd == "loader":
+        loader(a.cache_a, a.cache_b, a.layer, a.steps)
     else:
         size(a.cache_8bit, a.cache_ref)
 

@@ -1,16 +1,16 @@
 """The 8-bit store dtype `int8`: signed 8-bit codes with a float32 scale per row and one per column.
 
 Residual streams of causal LMs have a few dimensions whose values are tens of times larger than the
-rest (SmolLM2-135M: the largest column RMS is 23-43 times the median). One absmax scale per row then
-spends most of the 8 bits on those dimensions and leaves the others a few levels: 3.0-3.5% relative
-error per layer there, and fp8 e4m3 with a row scale 1.9-2.2%. Dividing each column by its RMS over
+rest (SmolLM2-135M: the largest column RMS is 30-65 times the median). One absmax scale per row then
+spends most of the 8 bits on those dimensions and leaves the others a few levels: 3.0-3.8% relative
+error per layer there, and fp8 e4m3 with a row scale 1.8-2.2%. Dividing each column by its RMS over
 the shard first evens them out, so the row's absmax scale fits the bulk: 0.8% on every layer of both
 models measured (bench/RESULTS.md, "8-bit cache"). The column scales cost 4 * d_model bytes per
 shard and layer, nothing per row.
 
 The format (FORMAT.md section 2.1), for one layer of one shard with rows x [n, d] in float32:
 
-    c[j] = float32(sqrt(sum_i x[i, j]^2 / n))      computed in float64; a column of zeros gets 1
+    c[j] = sqrt(sum_i x[i, j]^2 / n)              in float32; a column of zeros gets 1
     y    = x / c                                   float32 division, per element
     s[i] = float32(max_j |y[i, j]|) / 127          float32 division; 0 for a row of zeros
     q    = clamp(round_half_even(y / s), -127, 127) as int8 (0 where s == 0)
@@ -50,27 +50,34 @@ def col_scale_key(layer: int) -> str:
 
 
 def column_scale(x: torch.Tensor) -> torch.Tensor:
-    """c [d] float32: each column's root mean square over the rows of x [n, d] (1 for a zero column)."""
-    wide = x.to(torch.float64)
-    c = torch.sqrt((wide * wide).sum(dim=0) / max(x.shape[0], 1)).to(torch.float32)
+    """c [d] float32: each column's root mean square over the rows of x [n, d] float32 (1 for a zero column).
+
+    Summed in float32: c is stored, so its precision only has to be good enough to even the columns out,
+    and a float64 copy of the shard would cost the writer more than the rest of the encoding."""
+    c = torch.sqrt(x.square().sum(dim=0) / max(x.shape[0], 1))
     return torch.where(c > 0, c, torch.ones_like(c))
 
 
 def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [n, d] (any float dtype, any device) -> (q int8 [n, d], s float32 [n], c float32 [d]).
 
-    Works on the device of x. Raises ValueError on non-finite values (they have no code)."""
+    Works on the device of x, in a few passes over it. Raises ValueError on non-finite values (they have
+    no code) and on values so large that their squares overflow float32 (|x| > 1e19)."""
     x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them")
     c = column_scale(x)
     y = x / c
     s = y.abs().amax(dim=1) / QMAX if y.shape[1] else torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(y / safe[:, None]).clamp_(-QMAX, QMAX)
-    q = torch.where(s[:, None] > 0, q, torch.zeros_like(q))
-    return q.to(CODE_DTYPE), s, c
+    # A NaN or an infinity in x reaches its row's absmax (amax propagates NaN) or its column's scale:
+    # checking those two small vectors checks every value.
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(c).all())):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them")
+        raise ValueError("values too large for the int8 store dtype (a column's sum of squares overflows "
+                         "float32); store float32 instead")
+    # A row of zeros has s = 0 and y = 0: dividing by 1 instead gives its codes, 0.
+    y.div_(torch.where(s > 0, s, torch.ones_like(s))[:, None]).round_().clamp_(-QMAX, QMAX)
+    return y.to(CODE_DTYPE), s, c
 
 
 def decode(q: torch.Tensor, s: torch.Tensor, c: torch.Tensor, dtype: torch.dtype = DECODED_DTYPE) -> torch.Tensor:
