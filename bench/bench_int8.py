@@ -99,12 +99,13 @@ def fvu(run_a: str, run_b: str, heldout: str) -> None:
     out = {}
     for run in (run_a, run_b):
         sae, _ = load_sae(Path(run) / "sae")
-        m = heldout_metrics(sae, c)
+        m = heldout_metrics(sae, c)["metrics"]
         summary_file = Path(run) / "train_summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         out[run] = m
         print(f"{run}: trained on {summary.get('cache', '?')}; held-out ({heldout}, {c.manifest['dtype']}) "
-              f"FVU {m['fvu']:.5f}, L0 {m.get('l0', float('nan')):.2f}, dead {m.get('dead_fraction', float('nan'))}")
+              f"FVU {m['fvu']:.5f}, " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()
+                                                        if k != "fvu" and isinstance(v, float)))
     print(f"FVU difference ({run_a} - {run_b}): {out[run_a]['fvu'] - out[run_b]['fvu']:+.5f}")
 
 
