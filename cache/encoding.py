@@ -96,3 +96,35 @@ def decode_numpy(q: np.ndarray, s: np.ndarray, c: np.ndarray, out: np.ndarray | 
     np.multiply(out, s[:, None], out=out)
     np.multiply(out, c[None, :], out=out)
     return out
+
+
+# ---- packed rows: codes, row scale and shard index in one byte row, decoded on the training device ----------
+# A training on a GPU moves int8 rows to the device and decodes them there (a quarter of float32's bytes
+# through the host-to-device copy). Each row of each layer travels as PACKED_EXTRA more bytes than its codes:
+# [d codes | row scale, float32 | shard index, int32] (little-endian, as the host and the GPU are), and the
+# column scales of every shard travel once, as a table [shards, (layers,) d] that the shard index selects from.
+PACKED_EXTRA = 8
+
+
+def pack_into(dest: np.ndarray, q: np.ndarray, s: np.ndarray, shard: int) -> None:
+    """dest [n, d + PACKED_EXTRA] uint8 <- codes q [n, d] int8, row scales s [n] float32, the shard index."""
+    d = q.shape[1]
+    dest[:, :d] = q.view(np.uint8)
+    dest[:, d:d + 4] = np.ascontiguousarray(s, dtype=np.float32).view(np.uint8).reshape(-1, 4)
+    dest[:, d + 4:d + 8] = np.array([shard], dtype="<i4").view(np.uint8)
+
+
+def decode_packed(x: torch.Tensor, columns: torch.Tensor, dtype: torch.dtype = DECODED_DTYPE) -> torch.Tensor:
+    """Packed rows x [B, d + 8] or [B, L, d + 8] uint8 and the column-scale table [shards, d] or
+    [shards, L, d] float32, on one device (any) -> the decoded rows [B, (L,) d] in `dtype`, on that device:
+    the same bits as `decode` of the same codes and scales (the same two float32 products, in order)."""
+    d = x.shape[-1] - PACKED_EXTRA
+    q = x[..., :d].view(CODE_DTYPE)
+    s = x[..., d:d + 4].contiguous().view(torch.float32)[..., 0]
+    shard = x[..., d + 4:d + 8].contiguous().view(torch.int32)[..., 0].long()
+    if x.dim() == 2:
+        c = columns[shard]  # [B, d]
+    else:
+        c = columns[shard, torch.arange(x.shape[1], device=x.device)]  # [B, L, d]
+    out = (q.to(torch.float32) * s.unsqueeze(-1)) * c
+    return out if dtype == torch.float32 else out.to(dtype)

@@ -251,3 +251,25 @@ def test_non_finite_rows_are_refused_naming_the_shard(tmp_path):
     w.close()
     assert cache.open(tmp_path / "c", allow_incomplete=True).num_rows("train") == 0
 
+
+
+@pytest.mark.parametrize("layers", [LAYERS, 2])
+def test_packed_batches_decode_on_the_device_to_the_loaders_rows(tmp_path, backend, layers):
+    """decode=False (a GPU training): packed rows cross to the device and are decoded there; run on the CPU
+    here (the decoding is device-agnostic torch), they give the bits the loader's own decoding gives."""
+    from train.data import rows_on
+
+    write_cache(tmp_path / "c", backend, n_train=6, dtype="int8")
+    c = cache.open(tmp_path / "c")
+    for dtype in (torch.float32, torch.bfloat16):
+        kw = dict(seed=5, block_rows=8, buffer_rows=64, dtype=dtype)
+        with ActivationLoader(c, layers, 48, **kw) as plain, \
+                ActivationLoader(c, layers, 48, decode=False, **kw) as packed:
+            a, b = plain.batches(), packed.batches()
+            tables: dict = {}
+            for _ in range(plain.batches_per_epoch + 1):  # into the second epoch
+                x, p = next(a), next(b)
+                width = c.d_model + encoding.PACKED_EXTRA
+                assert p.x.dtype == torch.uint8 and p.x.shape[-1] == width and (p.epoch, p.index) == (x.epoch, x.index)
+                got = rows_on(p, torch.device("cpu"), tables=tables)
+                assert got.dtype == dtype and torch.equal(got, x.x)
