@@ -110,14 +110,23 @@ def fvu(run_a: str, run_b: str, heldout: str) -> None:
 
 
 def size(path_8bit: str, path_ref: str) -> None:
+    from cache.st_backend import StShard
+
     for path in (path_8bit, path_ref):
         c = cache.open(path)
         tokens = sum(c.num_rows(s) for s in c.splits)
-        act = sum(e["bytes"] for s in c.splits for e in c.manifest["shards"][s])
-        per = act / tokens / len(c.layers)
-        print(f"{path} ({c.manifest['dtype']}, {c.backend}): {per:.1f} bytes per token-layer on disk "
-              f"(shards, token fields and statistics included) = {per / (2 * c.d_model):.4f} of 2*d_model "
-              f"({2 * c.d_model} bytes, bfloat16)")
+        total = sum(e["bytes"] for s in c.splits for e in c.manifest["shards"][s])
+        line = (f"{path} ({c.manifest['dtype']}, {c.backend}): whole shards {total / tokens / len(c.layers):.1f} "
+                f"bytes per token-layer (token fields and statistics included) = "
+                f"{total / tokens / len(c.layers) / (2 * c.d_model):.4f} of 2*d_model")
+        if c.backend == "safetensors":  # the activations alone: codes and scales, or the float rows
+            act = 0
+            for s in c.splits:
+                for info in c.shards(s):
+                    entries = StShard(c.path / info.name).entries
+                    act += sum(e[3] - e[2] for k, e in entries.items() if k.startswith(("layer.", "scale.")))
+            line += f"; activations alone {act / tokens / len(c.layers) / (2 * c.d_model):.4f} of 2*d_model"
+        print(line)
 
 
 def loader(path_a: str, path_b: str, layer: int, steps: int) -> None:
