@@ -160,7 +160,10 @@ class _Source:
 
     def fill(self, dest: np.ndarray, shard: int, starts: np.ndarray, lengths: np.ndarray) -> None:
         """dest [sum(lengths), d] or [.., L, d] <- rows [starts[i], starts[i] + lengths[i]) of `shard`, in order."""
-        self._loader.bytes_read += dest.nbytes  # the stored bytes of these rows and layers
+        if getattr(self._cache, "encoded", False):  # an 8-bit cache: codes and row scales read from disk
+            self._loader.bytes_read += dest.shape[0] * len(self._layers) * (self._cache.d_model + 4)
+        else:
+            self._loader.bytes_read += dest.nbytes  # the stored bytes of these rows and layers
         if self._views is None and self._packed:
             offset = 0
             for lo, n in zip(starts.tolist(), lengths.tolist(), strict=True):
