@@ -58,23 +58,28 @@ def column_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(c > 0, c, torch.ones_like(c))
 
 
-def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_scales(s: torch.Tensor, c: torch.Tensor) -> None:
+    """Raise ValueError unless the scales of an encoding are finite. A NaN or an infinity in the rows
+    reaches its row's absmax (amax propagates NaN) or its column's scale, so these two small vectors
+    vouch for every value."""
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(c).all())):
+        raise ValueError("non-finite values (NaN/inf) in the rows to store, or values too large for the int8 "
+                         "store dtype (a column's sum of squares overflows float32): the model produced them; "
+                         "store float32 to keep them")
+
+
+def encode(x: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [n, d] (any float dtype, any device) -> (q int8 [n, d], s float32 [n], c float32 [d]).
 
-    Works on the device of x, in a few passes over it. Raises ValueError on non-finite values (they have
-    no code) and on values so large that their squares overflow float32 (|x| > 1e19)."""
+    Works on the device of x, in a few passes over it. check=True: raises ValueError on non-finite values
+    (they have no code) and on values whose squares overflow float32 (|x| > 1e19); that reads two scalars
+    back from the device, so a GPU caller that must not wait passes False and calls check_scales later."""
     x = x.to(torch.float32)
     c = column_scale(x)
     y = x / c
     s = y.abs().amax(dim=1) / QMAX if y.shape[1] else torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)
-    # A NaN or an infinity in x reaches its row's absmax (amax propagates NaN) or its column's scale:
-    # checking those two small vectors checks every value.
-    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(c).all())):
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise ValueError(f"{bad} non-finite values (NaN/inf) in the rows to store; the model produced them")
-        raise ValueError("values too large for the int8 store dtype (a column's sum of squares overflows "
-                         "float32); store float32 instead")
+    if check:
+        check_scales(s, c)
     # A row of zeros has s = 0 and y = 0: dividing by 1 instead gives its codes, 0.
     y.div_(torch.where(s > 0, s, torch.ones_like(s))[:, None]).round_().clamp_(-QMAX, QMAX)
     return y.to(CODE_DTYPE), s, c

@@ -58,6 +58,7 @@ class _Shard:
     sums: torch.Tensor | None = None  # [layers, d] float64
     sq: torch.Tensor | None = None  # [layers, rows] float64
     event: Event | None = None
+    codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # 8-bit, encoded on the GPU
 
 
 @dataclass
@@ -286,8 +287,14 @@ class CacheWriter:
             stager = self._stager(block.device)
             staged = stager.stage(block, rows, self._buffers.acts(block.device))
             host = staged.host
-            shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
-                           host.sq[:, :rows], staged.event)
+            if host.codes is not None:  # an 8-bit cache, encoded on the device: codes and scales
+                assert host.row is not None and host.col is not None
+                codes = [(host.codes[i, :rows], host.row[i, :rows], host.col[i]) for i in range(len(self.layers))]
+                shard = _Shard([[q] for q, _, _ in codes], token_views, host.sums, host.sq[:, :rows], staged.event,
+                               codes)
+            else:
+                shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
+                               host.sq[:, :rows], staged.event)
 
             def release() -> None:
                 stager.give(host, staged.event)  # waits for the copy: never recycle a buffer it still writes
@@ -308,7 +315,8 @@ class CacheWriter:
 
     def _stager(self, device: torch.device) -> DeviceStager:
         if device not in self._stagers:
-            self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep)
+            self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep,
+                                                 encoded=encoding.is_encoded(self.dtype))
         return self._stagers[device]
 
     # ---- preparing and committing (on the pipeline's threads) ------------------------------------
@@ -318,15 +326,17 @@ class CacheWriter:
         if shard.event is not None:
             shard.event.synchronize()
         codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        if encoding.is_encoded(self.dtype):
-            # 8-bit: encode the float32 rows here, on a worker thread; the statistics are of the decoded
-            # values (the GPU's sums, if any, were of the rows before encoding).
-            try:
+        try:
+            if shard.codes is not None:  # 8-bit, encoded on the GPU with the statistics of the decoded values
+                codes = shard.codes
+                for _, row, col in codes:
+                    encoding.check_scales(row, col)
+            elif encoding.is_encoded(self.dtype):
+                # 8-bit rows on the host: encoded here, on a worker thread; statistics of the decoded values.
                 codes = [encoding.encode(torch.cat(p) if len(p) > 1 else p[0]) for p in shard.acts]
-            except ValueError as exc:
-                raise ValueError(f"shard {job.name}: {exc}") from None
-            shard.acts = [[encoding.decode(q, s, c)] for q, s, c in codes]
-            shard.sums = shard.sq = None
+                shard.acts = [[encoding.decode(q, s, c)] for q, s, c in codes]
+        except ValueError as exc:
+            raise ValueError(f"shard {job.name}: {exc}") from None
         if shard.sums is None:
             sums, sq = host_row_sums(shard.acts, job.rows, self.d_model)
         else:
