@@ -204,7 +204,7 @@ class _Source:
         assert cached is not None  # only the safetensors path keeps views
         views = cached.pop(shard, None)
         if views is None:
-            if self._cache.encoded:
+            if getattr(self._cache, "encoded", False):
                 views = [tuple(t.numpy() for t in self._cache.read_encoded(self._split, shard, layer))
                          for layer in self._layers]
             else:
@@ -309,7 +309,7 @@ class ActivationLoader:
         for info in cache.shards(split):
             reader = shardio.open_shard(cache.path / info.name, cache.backend)
             table.append(torch.stack([reader.get(encoding.col_scale_key(L)).clone() for L in layers]))
-        out = torch.stack(table)
+        out = torch.stack(table) if table else torch.zeros((0, len(layers), cache.d_model))
         return out if stacked else out[:, 0]
 
     @staticmethod
