@@ -12,6 +12,10 @@
         Held-out metrics of two trained SAEs (their run folders) on CACHE's held-out split (the float32
         rows), and the FVU difference.
 
+    python bench/bench_int8.py compare CACHE_8BIT CACHE_F32
+        The same relative error over every train row of a stored 8-bit cache (a harvest or a conversion)
+        against the float32 cache of the same tokens.
+
     python bench/bench_int8.py bytes CACHE_8BIT CACHE_REF
         Bytes on disk per token-layer of the activations, against 2 * d_model (bfloat16).
 
@@ -89,6 +93,29 @@ def error(path: str, shards: int) -> None:
                 err[k] += float((e * e).sum())
         cells = " | ".join(f"{np.sqrt(err[k] / total):.4f}, {err[k] / var:.1e}" for k in names)
         print(f"| {layer} | {ratio:.1f} | {cells} |", flush=True)
+
+
+def compare(path_8bit: str, path_ref: str) -> None:
+    a, b = cache.open(path_8bit), cache.open(path_ref)
+    shards = a.shards("train")
+    if [s.rows for s in shards] != [s.rows for s in b.shards("train")]:
+        raise SystemExit("the two caches do not hold the same train shards")
+    print(f"{path_8bit} ({a.manifest['dtype']}) against {path_ref} ({b.manifest['dtype']}): every train row")
+    print("| layer | rel | noise/var |\n| --- | --- | --- |")
+    for layer in a.layers:
+        err = total = 0.0
+        s1 = np.zeros(a.d_model)
+        s2 = 0.0
+        for info in shards:
+            x = b.read("train", info.index, layer).to(torch.float64)
+            e = a.read("train", info.index, layer).to(torch.float64) - x
+            err += float((e * e).sum())
+            total += float((x * x).sum())
+            s1 += x.sum(0).numpy()
+            s2 += float((x * x).sum())
+        n = a.num_rows("train")
+        var = s2 - float((s1 * s1).sum()) / n
+        print(f"| {layer} | {np.sqrt(err / total):.4f} | {err / var:.1e} |", flush=True)
 
 
 def fvu(run_a: str, run_b: str, heldout: str) -> None:
@@ -178,6 +205,9 @@ def main() -> None:
     f.add_argument("run_a")
     f.add_argument("run_b")
     f.add_argument("--heldout", required=True)
+    cmp = sub.add_parser("compare")
+    cmp.add_argument("cache_8bit")
+    cmp.add_argument("cache_ref")
     b = sub.add_parser("bytes")
     b.add_argument("cache_8bit")
     b.add_argument("cache_ref")
@@ -191,6 +221,8 @@ def main() -> None:
         error(a.cache, a.shards)
     elif a.cmd == "fvu":
         fvu(a.run_a, a.run_b, a.heldout)
+    elif a.cmd == "compare":
+        compare(a.cache_8bit, a.cache_ref)
     elif a.cmd == "loader":
         loader(a.cache_a, a.cache_b, a.layer, a.steps)
     else:
