@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cache  # noqa: E402
+from cache.encoding import is_encoded  # noqa: E402
 from harvest.capture import WindowSink  # noqa: E402
 from harvest.model import LoadedModel, forward_blocks, load_model, parse_layers, wrap_model  # noqa: E402
 from harvest.run import harvest_stream  # noqa: E402
@@ -152,7 +153,9 @@ def time_harvest(lm: LoadedModel, seqs: list, layers: list[int], args: argparse.
     writer = NullWriter() if backend is None else _writer(out, lm, layers, store, backend, args.shard_rows)
     _sync(lm.device)
     t0 = time.perf_counter()
-    harvest_stream(lm, seqs, writer, layers=layers, store_dtype=getattr(torch, store), seed=0,
+    # An 8-bit store dtype is captured in float32 and encoded by the writer (as harvest/run.py does).
+    capture = torch.float32 if is_encoded(store) else getattr(torch, store)
+    harvest_stream(lm, seqs, writer, layers=layers, store_dtype=capture, seed=0,
                    batch_size=args.batch_size, shuffle_window=args.window, starts={"train": 0, "heldout": 0},
                    offsets={"train": 0, "heldout": 0}, pad_id=0)
     writer.finish()

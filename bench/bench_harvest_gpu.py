@@ -194,6 +194,13 @@ def run_layers(lm: LoadedModel, spec: str, args: argparse.Namespace, work: Path)
     if "harvest_tmpfs_s" in out:
         out["tmpfs_tokens_per_s"] = tokens / out["harvest_tmpfs_s"]
         out["ratio_tmpfs_vs_forward"] = out["tmpfs_tokens_per_s"] / forward_tps
+    if args.int8:  # issue 14: the same harvest stored as int8 (encoded on the device), beside the store dtype above
+        hv8 = argparse.Namespace(**{**vars(hv), "store_dtype": "int8"})
+        runs = [time_harvest(lm, seqs, layers, hv8, "safetensors", work / "h8") for _ in range(args.repeats)]
+        t_8 = statistics.median(r[0] for r in runs)
+        out.update({"harvest_int8_s": [r[0] for r in runs], "harvest_int8_tokens_per_s": tokens / t_8,
+                    "ratio_int8_vs_store_dtype": t_hv / t_8, "bytes_int8_over_store_dtype": runs[-1][2] / (
+                        tokens * per_token)})
     return out
 
 
@@ -208,6 +215,7 @@ def main() -> int:
     p.add_argument("--window", type=int, default=None, help="sequences per shuffle window (default 256; tiny 8)")
     p.add_argument("--shard-rows", type=int, default=None, help="default 16384 (tiny 512)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 harvest (issue 14)")
     p.add_argument("--check-width", type=int, default=2048, help="d_model of the resume check's rows")
     p.add_argument("--workdir", default=str(ROOT / "bench" / "_work" / "harvest_gpu"))
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/harvest_gpu.json when OUT is set)")

@@ -10,6 +10,9 @@
    shapes: the disk's own bandwidth for those bytes. Goal >= 0.9.
 3. minilm: the default harvest (all-MiniLM-L6-v2, all 6 layers, float32, CPU) against its bare
    forward to the same depth over the same batches. Goal >= 0.95.
+4. int8 (--only int8; issue 14): the synthetic harvest of 2. (rows as fast as a GPU makes them, bfloat16,
+   through WindowSink) written as the 8-bit dtype `int8` against the same harvest written as bfloat16:
+   harvest tokens/s of each, pairs alternating; the int8 writer encodes each shard on its worker threads.
 
 The machine is shared, so every figure is a set of pairs measured back to back (baseline, then ours,
 the order alternating), with `sync` before each timed run so that no run pays for the last one's dirty
@@ -196,6 +199,60 @@ def synthetic_case(layers: list[int], tokens: int, shard_rows: int, reps: int, w
             "harvest_tokens_per_s": rows / min(result["ours_s"]), **result}
 
 
+def int8_case(layers: list[int], tokens: int, shard_rows: int, reps: int, work: Path, d: int,
+              window: int = 64, seq_len: int = 128) -> dict:
+    """Synthetic harvest (as in synthetic_case) written as int8 (ours) against bfloat16 (baseline)."""
+    from bench_harvest import _plans, synthetic_sequences
+
+    from harvest.capture import WindowSink
+
+    seqs = synthetic_sequences(max(1, tokens // seq_len), seq_len, 151936, [], [])
+    plans = _plans(seqs, window, 64)
+    most = max(p.rows for p in plans)
+    g = torch.Generator().manual_seed(len(layers))
+    bank = {L: torch.randn(most, d, generator=g).to(torch.bfloat16) for L in layers}
+
+    def run(dtype: str) -> Callable[[], float]:
+        def timed() -> float:
+            out = work / f"int8-{dtype}"
+            _clean(out)
+            _sync_disk()
+            t0 = time.perf_counter()
+            w = cache.CacheWriter(out, layers=layers, d_model=d, dtype=dtype, shard_rows=shard_rows,
+                                  identity={"bench": 1}, metadata={}, async_write=True)
+            sink = WindowSink(w, torch.device("cpu"))
+            for plan in plans:
+                sink.submit(plan, {L: b[:plan.rows] for L, b in bank.items()}, 0)
+            sink.close()
+            w.finish()
+            seconds = time.perf_counter() - t0
+            nbytes[dtype] = cache.open(out).size_on_disk()
+            _clean(out)
+            return seconds
+        return timed
+
+    nbytes: dict[str, int] = {}
+    run("int8")()
+    result = paired(run("bfloat16"), run("int8"), reps)
+    rows = sum(p.rows for p in plans)
+    return {"layers": len(layers), "d": d, "tokens": rows, "shard_rows": shard_rows,
+            "bf16_tokens_per_s": rows / statistics.median(result["baseline_s"]),
+            "int8_tokens_per_s": rows / statistics.median(result["ours_s"]),
+            "bytes_int8_over_bf16": nbytes["int8"] / nbytes["bfloat16"], **result}
+
+
+def bench_int8(args: argparse.Namespace, work: Path) -> list[dict]:
+    cases = []
+    for layers, tokens, shard_rows, d in (([0, 1, 2, 3, 4, 5], 131072, 16384, 384),
+                                          ([6], args.synthetic_tokens_1, 16384, QWEN3_WIDTH)):
+        case = int8_case(layers, tokens, shard_rows, args.reps, work, d)
+        cases.append(case)
+        print(f"| {case['layers']} x {case['d']} | {case['tokens']:,} | {case['bf16_tokens_per_s']:,.0f} | "
+              f"{case['int8_tokens_per_s']:,.0f} | {case['ratio']:.2f} "
+              f"({case['ratio_min']:.2f}-{case['ratio_max']:.2f}) | {case['bytes_int8_over_bf16']:.3f} |", flush=True)
+    return cases
+
+
 def bench_synthetic(args: argparse.Namespace, work: Path) -> list[dict]:
     cases = []
     for layers, tokens, shard_rows in (([6], args.synthetic_tokens_1, 16384),
@@ -257,6 +314,12 @@ def main() -> None:
                   "| layers | dtype | shard rows x shards | save_file+fsync GB/s | CacheWriter GB/s | ratio (range) |\n"
                   "|---|---|---|---|---|---|", flush=True)
             results["grid"] = bench_grid(args, work)
+        if "int8" in parts:
+            print("\n## Synthetic harvest written as int8 vs as bfloat16 (pairs alternating)\n"
+                  "| layers x width | tokens | bf16 tokens/s | int8 tokens/s | ratio int8/bf16 (range) "
+                  "| bytes int8/bf16 |\n"
+                  "|---|---|---|---|---|---|", flush=True)
+            results["int8"] = bench_int8(args, work)
         if "synthetic" in parts:
             print("\n## Harvest with a synthetic producer (2048 wide, 28-block shape, bf16) vs the disk\n"
                   "| layers | tokens | shard rows x shards | disk (save_file+fsync) GB/s | harvest GB/s "

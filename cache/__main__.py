@@ -1,4 +1,5 @@
-"""python -m cache info PATH | verify PATH. Exit codes: 0 ok, 1 problems, 2 usage or not a cache."""
+"""python -m cache info PATH | verify PATH | convert SRC DST --store-dtype D.
+Exit codes: 0 ok, 1 problems, 2 usage or not a cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import time
 
 import numpy as np
 
+from durable import lock as durable_lock
+
+from . import encoding
+from .convert import convert, store_dtypes
 from .manifest import ManifestError
 from .reader import Cache, open_cache
 from .verify import NotACacheError, verify_report
@@ -51,7 +56,8 @@ def info(path: str) -> int:
         f"complete   {'yes' if c.complete else 'NO (rerun make harvest to finish it)'}",
         f"layers     {c.layers}",
         f"d_model    {c.d_model}",
-        f"dtype      {c.manifest['dtype']}",
+        f"dtype      {c.manifest['dtype']}" + (" (int8 codes, float32 scales per row and per column of each shard; "
+                                                 "read decoded to float32)" if c.encoded else ""),
         f"backend    {c.backend}" + (f" ({c.manifest.get('zarr_compression')})"
                                      if c.manifest.get("zarr_compression") else ""),
         "tokens     " + ", ".join(f"{s} {c.num_rows(s):,}" for s in c.splits),
@@ -78,18 +84,40 @@ def verify_cmd(path: str) -> int:
     return 1 if report.problems else 0
 
 
+def convert_cmd(args: argparse.Namespace) -> int:
+    s = convert(args.src, args.dst, store_dtype=args.store_dtype, backend=args.backend,
+                zarr_compression=args.zarr_compression, shard_rows=args.shard_rows, overwrite=args.overwrite)
+    tokens = sum(s.rows.values())
+    print(f"converted: {s.path} ({args.store_dtype}), " + ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
+          + f" rows ({s.new_rows:,} written now), verified")
+    print(f"  bytes on disk: {s.bytes_on_disk:,} ({s.bytes_on_disk / max(tokens, 1):.1f} per token; "
+          f"{s.bytes_on_disk / max(s.source_bytes, 1):.3f} of the source); {s.seconds:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="summary of a cache").add_argument("path")
     sub.add_parser("verify", help="check all that makes a cache valid (cache/FORMAT.md 5.1)").add_argument("path")
+    conv = sub.add_parser("convert", help="rewrite a cache in another store dtype (and backend); resumable")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--store-dtype", required=True, choices=store_dtypes(),
+                      help=f"the new store dtype ({encoding.INT8}: 8-bit codes with scales, cache/encoding.py)")
+    conv.add_argument("--backend", choices=["safetensors", "zarr"], help="default: the source's")
+    conv.add_argument("--zarr-compression", choices=["zstd", "blosc", "gzip"], help="backend zarr only")
+    conv.add_argument("--shard-rows", type=int, help="default: the source's")
+    conv.add_argument("--overwrite", action="store_true", help="replace a different cache at DST")
     args = parser.parse_args(argv)
     try:
+        if args.command == "convert":
+            return convert_cmd(args)
         return info(args.path) if args.command == "info" else verify_cmd(args.path)
     except (NotACacheError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ManifestError, ValueError) as exc:
+    except (ManifestError, ValueError, durable_lock.LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

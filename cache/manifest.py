@@ -14,7 +14,17 @@ from typing import Any
 
 import durable
 
-from .names import BACKENDS, FORMAT_VERSION, MANIFEST, SPLITS, STORED_DTYPES, shard_name
+from .encoding import ENCODED_DTYPES
+from .names import (
+    BACKENDS,
+    FORMAT_VERSION,
+    MANIFEST,
+    READABLE_FORMAT_VERSIONS,
+    SPLITS,
+    STORED_DTYPES,
+    format_version_for,
+    shard_name,
+)
 
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 MAX_MANIFEST_BYTES = 1 << 30
@@ -56,8 +66,9 @@ def _check_version(obj: dict, where: str) -> None:
             f"{where}: format_version {version} is newer than this reader understands "
             f"({FORMAT_VERSION}); upgrade the package to read this cache"
         )
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"{where}: unsupported format_version {version} (expected {FORMAT_VERSION})")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ManifestError(f"{where}: unsupported format_version {version} (expected one of "
+                            f"{list(READABLE_FORMAT_VERSIONS)})")
 
 
 def _check_header(obj: dict, where: str) -> None:
@@ -69,8 +80,11 @@ def _check_header(obj: dict, where: str) -> None:
         raise _fail(where, "key 'layers'", f"must be a non-empty list of distinct ints >= 0, got {layers!r}")
     if _get(obj, "d_model", int, where) < 1:
         raise _fail(where, "key 'd_model'", "must be >= 1")
-    if _get(obj, "dtype", str, where) not in STORED_DTYPES:
-        raise _fail(where, "key 'dtype'", f"must be one of {sorted(STORED_DTYPES)}, got {obj['dtype']!r}")
+    # The 8-bit dtypes came with format_version 2; a version-1 manifest naming one is damaged.
+    dtypes = sorted(STORED_DTYPES) + (list(ENCODED_DTYPES) if obj["format_version"] >= 2 else [])
+    if _get(obj, "dtype", str, where) not in dtypes:
+        raise _fail(where, "key 'dtype'", f"must be one of {dtypes} in format_version {obj['format_version']}, "
+                                          f"got {obj['dtype']!r}")
     if _get(obj, "backend", str, where) not in BACKENDS:
         raise _fail(where, "key 'backend'", f"must be one of {list(BACKENDS)}, got {obj['backend']!r}")
     if _get(obj, "shard_rows", int, where) < 1:
@@ -216,7 +230,7 @@ def new(*, identity: dict, metadata: dict, layers: list[int], d_model: int, dtyp
         shard_rows: int, zarr_compression: str | None) -> dict:
     """A manifest for an empty, incomplete cache."""
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(dtype),
         "complete": False,
         "identity": identity,
         "metadata": metadata,

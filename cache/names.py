@@ -11,7 +11,11 @@ import torch
 
 import durable
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this package reads and writes (FORMAT.md)
+# Version 2 adds the 8-bit dtypes (cache/encoding.py). A cache of a version-1 dtype is still written as
+# version 1, so that readers of version 1 go on reading every cache they could read before.
+FLOAT_FORMAT_VERSION = 1
+READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST = "manifest.json"
 TMP_PREFIX = durable.TMP_PREFIX  # temporaries of the durable writes
 TRAIN, HELDOUT = "train", "heldout"
@@ -29,6 +33,13 @@ STORED_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+
+def format_version_for(dtype: str) -> int:
+    """format_version a new cache of stored dtype `dtype` is written with."""
+    return FLOAT_FORMAT_VERSION if dtype in STORED_DTYPES else FORMAT_VERSION
+
 
 # Row-metadata tensors stored beside the activations: name -> dtype.
 TOKEN_FIELDS: dict[str, torch.dtype] = {

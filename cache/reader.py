@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from . import encoding, shardio, validity
 from . import manifest as manifest_mod
-from . import shardio, validity
 from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key
 from .st_backend import StShard
 from .stats import LayerStats, from_manifest
@@ -64,7 +64,9 @@ class Cache:
         self.metadata: dict = manifest["metadata"]
         self.layers: list[int] = list(manifest["layers"])
         self.d_model: int = manifest["d_model"]
-        self.dtype: torch.dtype = STORED_DTYPES[manifest["dtype"]]
+        # An 8-bit cache stores codes and scales (cache/encoding.py); `dtype` is what read() returns.
+        self.encoded: bool = encoding.is_encoded(manifest["dtype"])
+        self.dtype: torch.dtype = encoding.DECODED_DTYPE if self.encoded else STORED_DTYPES[manifest["dtype"]]
         self.backend: str = manifest["backend"]
         self.splits: list[str] = list(SPLITS)
         self.complete: bool = manifest["complete"]
@@ -170,6 +172,7 @@ class Cache:
 
         One layer -> [n, d_model] (safetensors: a zero-copy view of the memory map; READ-ONLY, writing
         to it crashes the process). A list of layers -> [n, len(layers), d_model], a copy, in list order.
+        An 8-bit cache gives the decoded float32 values (a copy; cache/encoding.py).
         """
         single = not isinstance(layers, list | tuple)
         wanted = [self._layer(x) for x in layers] if isinstance(layers, list | tuple) else [self._layer(layers)]
@@ -180,9 +183,32 @@ class Cache:
         if self.verify_reads:
             for L in wanted:
                 self._check_finite(info, reader, L, start, stop)
+        if self.encoded:
+            got = [encoding.decode(*self._codes(reader, L, start, stop)) for L in wanted]
+            return got[0] if single else torch.stack(got, dim=1)
         if single:
             return reader.get(layer_key(wanted[0]), start, stop)
         return torch.stack([reader.get(layer_key(L), start, stop) for L in wanted], dim=1)
+
+    @staticmethod
+    def _codes(reader: shardio.ShardReader, layer: int, start: int | None,
+               stop: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (reader.get(layer_key(layer), start, stop), reader.get(encoding.row_scale_key(layer), start, stop),
+                reader.get(encoding.col_scale_key(layer)))
+
+    def read_encoded(self, split: str, shard: int, layer: int, start: int = 0,
+                     stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An 8-bit cache's stored form of rows [start, stop) of one layer: codes int8 [n, d_model], row
+        scales float32 [n], the shard's column scales float32 [d_model] (safetensors: zero-copy, READ-ONLY
+        views). encoding.decode(*read_encoded(...)) is read(...)."""
+        if not self.encoded:
+            raise ValueError(f"cache {self.path} stores {self.manifest['dtype']}, not an 8-bit dtype; use read()")
+        info, reader = self._shard(split, shard)
+        start, stop = self._rows(info, start, stop)
+        layer = self._layer(layer)
+        if self.verify_reads:
+            self._check_finite(info, reader, layer, start, stop)
+        return self._codes(reader, layer, start, stop)
 
     def iter_rows(self, split: str, layers: int | list[int], batch_size: int,
                   max_rows: int | None = None) -> Iterator[torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import durable
 
 from . import st_backend
-from .names import FORMAT_VERSION, tmp_name
+from .names import FLOAT_FORMAT_VERSION, FORMAT_VERSION, tmp_name
 
 if TYPE_CHECKING:
     from .zarr_backend import ZarrShard
@@ -32,7 +32,10 @@ def write_tmp(folder: Path, name: str, tensors: Mapping[str, torch.Tensor | list
     durable.remove_path(tmp)
     try:
         if backend == "safetensors":
-            meta = {"format": "pt", "saecache_format_version": str(FORMAT_VERSION)}
+            # The version of the cache's manifest: 2 only for the 8-bit dtypes (int8 codes), as names.py says.
+            encoded = any((t[0] if isinstance(t, list) else t).dtype == torch.int8 for t in tensors.values())
+            meta = {"format": "pt",
+                    "saecache_format_version": str(FORMAT_VERSION if encoded else FLOAT_FORMAT_VERSION)}
             return st_backend.write_tmp(tmp, tensors, meta)
         from . import zarr_backend
 

@@ -29,6 +29,7 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float16: "F16",
     torch.int64: "I64",
     torch.int32: "I32",
+    torch.int8: "I8",  # the codes of the 8-bit dtype (cache/encoding.py)
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 MAX_HEADER_BYTES = 100 << 20

@@ -6,6 +6,10 @@ pinned host buffer; an event marks the end. Nothing here blocks the producer: th
 threads wait for the event before they read the host buffer, and the GPU block is handed out again
 only once the event has completed. Copies on their own stream overlap the producer's next forward.
 
+An 8-bit cache (`encoded`) is encoded on the device too (cache/encoding.py, device-agnostic torch): the
+codes and scales cross to the host (a quarter of the float32 rows' bytes), and the statistics are of the
+decoded values, as on the host path.
+
 The same class runs on a CPU "device" (no stream, no pinning, an event that is already complete): the
 tests use it to exercise the writer's staging path without a GPU.
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import encoding
 from .buffer import Event, Pool
 from .stats import device_row_sums
 
@@ -27,9 +32,12 @@ class HostShard:
     """Host side of one staged shard (pinned on CUDA): acts [layers, shard_rows, d], sums [layers, d]
     float64, sq [layers, shard_rows] float64 (per-row squared norms); the first `rows` rows are the shard's."""
 
-    acts: torch.Tensor
+    acts: torch.Tensor  # empty for an 8-bit cache: codes, row and col hold the shard instead
     sums: torch.Tensor
     sq: torch.Tensor
+    codes: torch.Tensor | None = None  # 8-bit: int8 [layers, shard_rows, d]
+    row: torch.Tensor | None = None  # 8-bit: float32 [layers, shard_rows]
+    col: torch.Tensor | None = None  # 8-bit: float32 [layers, d]
 
 
 class _Done:
@@ -52,16 +60,22 @@ class Staged:
 class DeviceStager:
     """Stages shards from one device into a pool of host shards of `shape` = (layers, shard_rows, d)."""
 
-    def __init__(self, device: torch.device, shape: tuple[int, int, int], dtype: torch.dtype, keep: int) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, shape: tuple[int, int, int], dtype: torch.dtype, keep: int,
+                 encoded: bool = False) -> None:
+        self.device, self.encoded = device, encoded
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
         n_layers, shard_rows, d_model = shape
 
         def make() -> HostShard:
-            return HostShard(torch.empty(shape, dtype=dtype, pin_memory=self.cuda),
-                             torch.empty((n_layers, d_model), dtype=torch.float64, pin_memory=self.cuda),
-                             torch.empty((n_layers, shard_rows), dtype=torch.float64, pin_memory=self.cuda))
+            pin = self.cuda
+            sums = torch.empty((n_layers, d_model), dtype=torch.float64, pin_memory=pin)
+            sq = torch.empty((n_layers, shard_rows), dtype=torch.float64, pin_memory=pin)
+            if not encoded:
+                return HostShard(torch.empty(shape, dtype=dtype, pin_memory=pin), sums, sq)
+            return HostShard(torch.empty(0), sums, sq, torch.empty(shape, dtype=encoding.CODE_DTYPE, pin_memory=pin),
+                             torch.empty((n_layers, shard_rows), dtype=encoding.SCALE_DTYPE, pin_memory=pin),
+                             torch.empty((n_layers, d_model), dtype=encoding.SCALE_DTYPE, pin_memory=pin))
 
         self.pinned: Pool[HostShard] = Pool(make, keep)
 
@@ -82,9 +96,19 @@ class DeviceStager:
         host = self.pinned.take()
         with self._side_stream():
             part = acts[:, :rows]
-            sums, sq = device_row_sums(part)
+            if self.encoded:
+                assert host.codes is not None and host.row is not None and host.col is not None
+                codes = [encoding.encode(part[i], check=False) for i in range(acts.shape[0])]  # no host sync
+                sums, sq = device_row_sums(torch.stack([encoding.decode(*qsc) for qsc in codes]))
+                for i, (q, s, c) in enumerate(codes):
+                    host.codes[i, :rows].copy_(q, non_blocking=self.cuda)
+                    host.row[i, :rows].copy_(s, non_blocking=self.cuda)
+                    host.col[i].copy_(c, non_blocking=self.cuda)
+            else:
+                sums, sq = device_row_sums(part)
             for i in range(acts.shape[0]):  # contiguous per layer, also for a short last shard
-                host.acts[i, :rows].copy_(part[i], non_blocking=self.cuda)
+                if not self.encoded:
+                    host.acts[i, :rows].copy_(part[i], non_blocking=self.cuda)
                 host.sq[i, :rows].copy_(sq[i], non_blocking=self.cuda)
             host.sums.copy_(sums, non_blocking=self.cuda)
             event: Event = _Done()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import xxhash
 
-from . import shardio
+from . import encoding, shardio
 from .checksum import hash_shard, shard_size
 from .names import MANIFEST, SPLITS, STORED_DTYPES, TOKEN_FIELDS, layer_key, stat_keys
 from .st_backend import ShardFormatError, StShard
@@ -122,8 +122,14 @@ def open_checked(folder: Path, entry: dict, m: dict) -> tuple[shardio.ShardReade
 
 
 def _expected(rows: int, m: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    d, dtype = m["d_model"], STORED_DTYPES[m["dtype"]]
+    d = m["d_model"]
+    encoded = encoding.is_encoded(m["dtype"])
+    dtype = encoding.CODE_DTYPE if encoded else STORED_DTYPES[m["dtype"]]
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {layer_key(L): (dtype, (rows, d)) for L in m["layers"]}
+    if encoded:  # FORMAT.md 2.1: each layer's codes come with a float32 scale per row and one per column
+        for L in m["layers"]:
+            out[encoding.row_scale_key(L)] = (encoding.SCALE_DTYPE, (rows,))
+            out[encoding.col_scale_key(L)] = (encoding.SCALE_DTYPE, (d,))
     out.update({name: (dt, (rows,)) for name, dt in TOKEN_FIELDS.items()})
     for L in m["layers"]:
         k_sum, k_sq, k_norm = stat_keys(L)
@@ -232,8 +238,13 @@ def _hash_and_count(path: Path, reader: StShard, layers: list[int]) -> tuple[str
 def layer_problem(name: str, split: str, layer: int, reader: shardio.ShardReader, start: int,
                   stop: int) -> Problem | None:
     """Check 7 for rows [start, stop) of one layer of shard `name` (tensors already checked), read in
-    blocks of rows (views of the map for safetensors)."""
+    blocks of rows (views of the map for safetensors). An 8-bit layer's codes are integers, always finite:
+    its decoded values are finite when its row scales [start, stop) and its column scales are."""
     spec = reader.spec(layer_key(layer))
+    if spec is not None and spec[0] == encoding.CODE_DTYPE:
+        bad = (count_non_finite(reader.get(encoding.row_scale_key(layer), start, stop))
+               + count_non_finite(reader.get(encoding.col_scale_key(layer))))
+        return non_finite_problem(name, split, layer, bad) if bad else None
     width = spec[1][-1] if spec is not None and spec[1] else 1
     block = max(1, _FINITE_BLOCK_ELEMENTS // max(1, width))
     bad = sum(count_non_finite(reader.get(layer_key(layer), a, min(stop, a + block)))
@@ -292,8 +303,11 @@ def _verify_safetensors(folder: Path, entry: dict, split: str,
     if reader is None:
         return None, checksum_problem(folder, entry) or problem
     assert isinstance(reader, StShard)
+    # An 8-bit shard's scales are checked from the map after the hash (a few floats per row): its codes
+    # need no decoding to be finite, and the scales' offsets need not be float-aligned in the file.
+    encoded = encoding.is_encoded(m["dtype"])
     try:
-        digest, bad = _hash_and_count(folder / entry["name"], reader, m["layers"])
+        digest, bad = _hash_and_count(folder / entry["name"], reader, [] if encoded else m["layers"])
     except OSError as exc:
         return None, Problem(entry["name"], f"cannot be read ({exc})")
     problem = _mismatch(entry, digest)
@@ -301,7 +315,12 @@ def _verify_safetensors(folder: Path, entry: dict, split: str,
         return None, problem
     sums, problem = read_sums(entry, reader, m)
     for L in m["layers"]:
-        problem = problem or (non_finite_problem(entry["name"], split, L, bad[L]) if bad[L] else None)
+        if problem:
+            break
+        if encoded:
+            problem = layer_problem(entry["name"], split, L, reader, 0, entry["rows"])
+        elif bad[L]:
+            problem = non_finite_problem(entry["name"], split, L, bad[L])
     return (None, problem) if problem else (sums, None)
 
 

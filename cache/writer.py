@@ -22,8 +22,8 @@ import torch
 from durable import describe_os_error
 from durable import lock as durable_lock
 
+from . import encoding, manifest, shardio
 from . import folder as folder_mod
-from . import manifest, shardio
 from .buffer import Buffers, Event, ShardAssembler
 from .names import (
     BACKENDS,
@@ -58,6 +58,7 @@ class _Shard:
     sums: torch.Tensor | None = None  # [layers, d] float64
     sq: torch.Tensor | None = None  # [layers, rows] float64
     event: Event | None = None
+    codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # 8-bit, encoded on the GPU
 
 
 @dataclass
@@ -118,7 +119,9 @@ class CacheWriter:
         workers = default_workers() if workers is None else _check_int("workers", workers)
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        shard_bytes = len(layers) * shard_rows * d_model * STORED_DTYPES[dtype].itemsize
+        # Rows wait for their shard in the stored dtype, or in float32 for an 8-bit one (encoded per shard).
+        self._stored = STORED_DTYPES.get(dtype, encoding.DECODED_DTYPE)
+        shard_bytes = len(layers) * shard_rows * d_model * self._stored.itemsize
         if max_inflight is None:
             # Small shards: more of them, so that many share a manifest rewrite; large ones: a memory cap.
             wanted = max(workers + 1, min(16, GROUP_BYTES // shard_bytes))
@@ -133,7 +136,6 @@ class CacheWriter:
         self.layers = [int(x) for x in layers]
         self.d_model, self.dtype, self.backend = d_model, dtype, backend
         self.shard_rows, self.zarr_compression = shard_rows, zarr_compression
-        self._stored = STORED_DTYPES[dtype]
         requested = manifest.new(
             identity=folder_mod.json_roundtrip(identity, "identity"),
             metadata=folder_mod.json_roundtrip(metadata, "metadata"), layers=self.layers,
@@ -176,8 +178,9 @@ class CacheWriter:
             raise ValueError(f"layers must be a non-empty list of distinct block numbers >= 0, got {layers!r}")
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if dtype not in STORED_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(STORED_DTYPES)}, got {dtype!r}")
+        if dtype not in STORED_DTYPES and not encoding.is_encoded(dtype):
+            raise ValueError(f"dtype must be one of {sorted(STORED_DTYPES) + list(encoding.ENCODED_DTYPES)}, "
+                             f"got {dtype!r}")
         if not isinstance(shard_rows, int) or shard_rows < 1:
             raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}")
         if backend not in BACKENDS:
@@ -284,8 +287,14 @@ class CacheWriter:
             stager = self._stager(block.device)
             staged = stager.stage(block, rows, self._buffers.acts(block.device))
             host = staged.host
-            shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
-                           host.sq[:, :rows], staged.event)
+            if host.codes is not None:  # an 8-bit cache, encoded on the device: codes and scales
+                assert host.row is not None and host.col is not None
+                codes = [(host.codes[i, :rows], host.row[i, :rows], host.col[i]) for i in range(len(self.layers))]
+                shard = _Shard([[q] for q, _, _ in codes], token_views, host.sums, host.sq[:, :rows], staged.event,
+                               codes)
+            else:
+                shard = _Shard([[host.acts[i, :rows]] for i in range(len(self.layers))], token_views, host.sums,
+                               host.sq[:, :rows], staged.event)
 
             def release() -> None:
                 stager.give(host, staged.event)  # waits for the copy: never recycle a buffer it still writes
@@ -306,7 +315,8 @@ class CacheWriter:
 
     def _stager(self, device: torch.device) -> DeviceStager:
         if device not in self._stagers:
-            self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep)
+            self._stagers[device] = DeviceStager(device, self._buffers.shape, self._stored, keep=self._buffers.keep,
+                                                 encoded=encoding.is_encoded(self.dtype))
         return self._stagers[device]
 
     # ---- preparing and committing (on the pipeline's threads) ------------------------------------
@@ -315,6 +325,18 @@ class CacheWriter:
         assert isinstance(shard, _Shard)
         if shard.event is not None:
             shard.event.synchronize()
+        codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        try:
+            if shard.codes is not None:  # 8-bit, encoded on the GPU with the statistics of the decoded values
+                codes = shard.codes
+                for _, row, col in codes:
+                    encoding.check_scales(row, col)
+            elif encoding.is_encoded(self.dtype):
+                # 8-bit rows on the host: encoded here, on a worker thread; statistics of the decoded values.
+                codes = [encoding.encode(torch.cat(p) if len(p) > 1 else p[0]) for p in shard.acts]
+                shard.acts = [[encoding.decode(q, s, c)] for q, s, c in codes]
+        except ValueError as exc:
+            raise ValueError(f"shard {job.name}: {exc}") from None
         if shard.sums is None:
             sums, sq = host_row_sums(shard.acts, job.rows, self.d_model)
         else:
@@ -326,6 +348,10 @@ class CacheWriter:
             raise ValueError(f"shard {job.name}: {exc}") from None
         tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {
             layer_key(L): shard.acts[i] for i, L in enumerate(self.layers)}
+        for L, (q, row, col) in zip(self.layers, codes, strict=False):  # 8-bit: codes and scales instead
+            tensors[layer_key(L)] = q
+            tensors[encoding.row_scale_key(L)] = row
+            tensors[encoding.col_scale_key(L)] = col
         tensors.update(shard.tokens)
         for layer, s in per_layer.items():
             k_sum, k_sq, k_norm = stat_keys(layer)

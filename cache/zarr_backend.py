@@ -27,6 +27,7 @@ _NUMPY_DTYPES = {
     np.dtype("float16"): torch.float16,
     np.dtype("int64"): torch.int64,
     np.dtype("int32"): torch.int32,
+    np.dtype("int8"): torch.int8,  # the codes of the 8-bit dtype (cache/encoding.py)
 }
 
 

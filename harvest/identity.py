@@ -85,7 +85,8 @@ def tokenizer_info(tokenizer: PreTrainedTokenizerBase) -> dict:
 
 
 def build_identity(cfg: Config, *, resolved_model: str, layers: list[int], compute_dtype: torch.dtype,
-                   store_dtype: torch.dtype, tokenizer: PreTrainedTokenizerBase, source: dict, packing: dict) -> dict:
+                   store_dtype: torch.dtype | str, tokenizer: PreTrainedTokenizerBase, source: dict,
+                   packing: dict) -> dict:
     """The identity dict handed to the cache writer (equal identity -> resume)."""
     data, hv = cfg.data, cfg.harvest
     return {
@@ -102,7 +103,7 @@ def build_identity(cfg: Config, *, resolved_model: str, layers: list[int], compu
         "heldout_fraction": data.heldout_fraction,
         "max_length": data.max_length,
         "compute_dtype": dtype_name(compute_dtype),
-        "store_dtype": dtype_name(store_dtype),
+        "store_dtype": store_dtype if isinstance(store_dtype, str) else dtype_name(store_dtype),
         "keep_special_tokens": hv.keep_special_tokens,
         "seed": data.seed,
         "shuffle_window": hv.shuffle_window,

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 import cache
 from cache import folder
 from cache import manifest as manifest_mod
+from cache.encoding import is_encoded
 from cache.names import SPLITS
 from durable import lock as durable_lock
 from harvest import text
@@ -133,7 +134,7 @@ def plan_segment(existing: dict | None, same: bool, budget: int | None) -> tuple
 def requested_manifest(run: _Run, hv: HarvestConfig) -> dict:
     """The cache this run would write (identity and layout), for the cache package to judge the folder."""
     return manifest_mod.new(identity=run.identity, metadata={}, layers=run.layers, d_model=run.d_model,
-                            dtype=dtype_name(run.store_dtype), backend=hv.backend, shard_rows=hv.shard_rows,
+                            dtype=run.store_name, backend=hv.backend, shard_rows=hv.shard_rows,
                             zarr_compression=hv.zarr_compression)
 
 
@@ -248,7 +249,7 @@ def _run_segments(cfg: Config, lm: LoadedModel, run: _Run, out: Path, seg: Segme
                                f"check the path, data.text_field and data.max_samples")
         stream = itertools.chain([first], stream) if first is not None else iter(())
         metadata = {**base_meta, SEGMENT_KEY: {"budget": seg.budget, "start": seg.start}}
-        writer = cache.CacheWriter(out, layers=run.layers, d_model=run.d_model, dtype=dtype_name(run.store_dtype),
+        writer = cache.CacheWriter(out, layers=run.layers, d_model=run.d_model, dtype=run.store_name,
                                    shard_rows=hv.shard_rows, identity=run.identity, metadata=metadata,
                                    backend=hv.backend, overwrite=overwrite, zarr_compression=hv.zarr_compression,
                                    async_write=True, lock=False)  # harvest() holds `out` itself
@@ -274,9 +275,10 @@ class _Run:
     d_model: int
     device: torch.device
     compute_dtype: torch.dtype
-    store_dtype: torch.dtype
+    store_dtype: torch.dtype  # the dtype rows are captured in: float32 for an 8-bit store dtype
     tokenizer: PreTrainedTokenizerBase
     identity: dict
+    store_name: str  # the cache's dtype: the store dtype's name, or an 8-bit one (cache/encoding.py)
 
 
 def _prepare(cfg: Config) -> _Run:
@@ -291,14 +293,18 @@ def _prepare(cfg: Config) -> _Run:
     layers = parse_layers(hv.layers, n_blocks)
     device = resolve_device(hv.device, key="harvest.device")
     compute_dtype = resolve_dtype(hv.dtype, device)
-    store_dtype = compute_dtype if hv.store_dtype == "auto" else resolve_dtype(hv.store_dtype, device,
-                                                                                key="harvest.store_dtype")
+    if is_encoded(hv.store_dtype):  # the writer encodes float32 rows shard by shard
+        store_dtype, store_name = torch.float32, str(hv.store_dtype)
+    else:
+        store_dtype = compute_dtype if hv.store_dtype == "auto" else resolve_dtype(hv.store_dtype, device,
+                                                                                    key="harvest.store_dtype")
+        store_name = dtype_name(store_dtype)
     tokenizer = text.load_tokenizer(resolved, mc.revision, mc.trust_remote_code)
     identity = build_identity(cfg, resolved_model=resolved, layers=layers, compute_dtype=compute_dtype,
-                              store_dtype=store_dtype, tokenizer=tokenizer, source=text.source_fingerprint(cfg.data),
+                              store_dtype=store_name, tokenizer=tokenizer, source=text.source_fingerprint(cfg.data),
                               packing=text.packing_identity(cfg.data, tokenizer, hv.keep_special_tokens))
     identity = json.loads(json.dumps(identity))  # as it reads back from the manifest
-    return _Run(resolved, layers, d_model, device, compute_dtype, store_dtype, tokenizer, identity)
+    return _Run(resolved, layers, d_model, device, compute_dtype, store_dtype, tokenizer, identity, store_name)
 
 
 def _cursor(committed: dict | None, split: str) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from typing import Literal
 
 from sae.config import SAESettings
 
-StoreDtype = Literal["auto", "float32", "bfloat16", "float16"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+StoreDtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]  # int8: cache/encoding.py
 
 
 @dataclass(kw_only=True)
@@ -72,7 +73,7 @@ class HarvestConfig:
     output: str = "cache/minilm-default"  # the cache folder
     layers: str | list[int] = "all"  # "all", a list of blocks, or a half-open range "a:b"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: StoreDtype = "auto"  # model compute dtype: auto (bf16 on CUDA, fp32 on CPU)
+    dtype: ComputeDtype = "auto"  # model compute dtype: auto (bf16 on CUDA, fp32 on CPU)
     store_dtype: StoreDtype = "auto"  # cache dtype: auto (= compute dtype)
     backend: Literal["safetensors", "zarr"] = "safetensors"
     zarr_compression: Literal["zstd", "blosc", "gzip"] | None = None  # zarr only

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache import encoding
+
 _TAG_BLOCKS, _TAG_ROWS = 1, 2  # keep the block and row permutations' seed streams apart
 _POLL_S = 0.05  # how often a blocked put/get re-checks the stop flag
 
@@ -49,10 +51,32 @@ _POLL_S = 0.05  # how often a blocked put/get re-checks the stop flag
 class Batch:
     """One training batch and where it sits; `next_position` is where a resume continues."""
 
-    x: torch.Tensor  # [B, d] or [B, L, d]; contiguous, CPU, the loader's dtype
+    x: torch.Tensor  # [B, d] or [B, L, d]; contiguous, CPU, the loader's dtype (packed: see `columns`)
     epoch: int
     index: int
     next_position: tuple[int, int] = (0, 0)  # (epoch, index + 1), or (epoch + 1, 0) after the last batch
+    # An 8-bit cache read with decode=False: x holds packed rows (uint8 [B, (L,) d + 8]) and `columns` the
+    # column-scale table they index; `rows_on` decodes them on the training device into `out_dtype`.
+    columns: torch.Tensor | None = None
+    out_dtype: torch.dtype = torch.float32
+
+
+def rows_on(batch, device: torch.device, pin: bool = False, tables: dict | None = None) -> torch.Tensor:
+    """The rows of `batch` (any loader's) on `device`, in the loader's dtype; pin=True: through pinned memory,
+    the copy queued without waiting. Packed 8-bit rows cross to the device as they are (a quarter of float32's
+    bytes) and are decoded there (cache.encoding.decode_packed); `tables` keeps the device copy of their
+    column-scale table between batches (it is the same tensor for every batch of a loader)."""
+    x = batch.x.pin_memory() if pin else batch.x
+    x = x.to(device, non_blocking=pin)
+    columns = getattr(batch, "columns", None)
+    if columns is None:
+        return x
+    tables = {} if tables is None else tables
+    key = (id(columns), device)
+    if key not in tables:
+        tables.clear()
+        tables[key] = (columns, columns.to(device))  # the source is kept so that its id stays its own
+    return encoding.decode_packed(x, tables[key][1], batch.out_dtype)
 
 
 class _Blocks:
@@ -130,12 +154,25 @@ class _Source:
     def __init__(self, loader: ActivationLoader) -> None:
         self._loader, self._cache, self._split, self._layers = loader, loader.cache, loader.split, loader.layers
         self._stacked = loader.stacked
-        self._views: OrderedDict[int, list[np.ndarray]] | None = \
+        self._packed = loader.packed
+        self._views: OrderedDict[int, list] | None = \
             OrderedDict() if loader.cache.backend == "safetensors" else None
 
     def fill(self, dest: np.ndarray, shard: int, starts: np.ndarray, lengths: np.ndarray) -> None:
         """dest [sum(lengths), d] or [.., L, d] <- rows [starts[i], starts[i] + lengths[i]) of `shard`, in order."""
-        self._loader.bytes_read += dest.nbytes  # the stored bytes of these rows and layers
+        if getattr(self._cache, "encoded", False):  # an 8-bit cache: codes and row scales read from disk
+            self._loader.bytes_read += dest.shape[0] * len(self._layers) * (self._cache.d_model + 4)
+        else:
+            self._loader.bytes_read += dest.nbytes  # the stored bytes of these rows and layers
+        if self._views is None and self._packed:
+            offset = 0
+            for lo, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                for j, layer in enumerate(self._layers):
+                    q, s, _ = (t.numpy() for t in self._cache.read_encoded(self._split, shard, layer, lo, lo + n))
+                    encoding.pack_into(dest[offset:offset + n, j] if self._stacked else dest[offset:offset + n],
+                                       q, s, shard)
+                offset += n
+            return
         if self._views is None:
             offset = 0
             for lo, n in zip(starts.tolist(), lengths.tolist(), strict=True):
@@ -148,17 +185,30 @@ class _Source:
         first = np.cumsum(lengths) - lengths
         rows = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
         for j, view in enumerate(self._shard_views(shard)):
-            if self._stacked:  # take() into a strided destination is slow; copy through a temporary
+            if isinstance(view, tuple) and self._packed:  # 8-bit rows, decoded on the training device
+                encoding.pack_into(dest[:, j] if self._stacked else dest, np.take(view[0], rows, axis=0),
+                                   view[1][rows], shard)
+            elif isinstance(view, tuple):  # an 8-bit cache: decode the taken codes into the float32 buffer
+                q, s, c = view
+                encoding.decode_numpy(np.take(q, rows, axis=0), s[rows], c,
+                                      out=dest[:, j] if self._stacked else dest)
+            elif self._stacked:  # take() into a strided destination is slow; copy through a temporary
                 np.copyto(dest[:, j], np.take(view, rows, axis=0))
             else:
                 np.take(view, rows, axis=0, out=dest, mode="clip")  # rows are in range by construction
 
-    def _shard_views(self, shard: int) -> list[np.ndarray]:
+    def _shard_views(self, shard: int) -> list:
+        """Per layer, the shard's rows (np.ndarray), or for an 8-bit cache its (codes, row scales, column
+        scales): zero-copy views of the memory map either way."""
         cached = self._views
         assert cached is not None  # only the safetensors path keeps views
         views = cached.pop(shard, None)
         if views is None:
-            views = [_as_numpy(self._cache.read(self._split, shard, layer)) for layer in self._layers]
+            if getattr(self._cache, "encoded", False):
+                views = [tuple(t.numpy() for t in self._cache.read_encoded(self._split, shard, layer))
+                         for layer in self._layers]
+            else:
+                views = [_as_numpy(self._cache.read(self._split, shard, layer)) for layer in self._layers]
         cached[shard] = views
         if len(cached) > self.KEEP_SHARDS:
             cached.popitem(last=False)
@@ -219,7 +269,7 @@ class ActivationLoader:
 
     def __init__(self, cache, layers: int | list[int], batch_size: int, *, seed: int = 0,
                  block_rows: int = 64, buffer_rows: int = 65536, prefetch: int = 2,
-                 dtype: torch.dtype = torch.float32, split: str = "train") -> None:
+                 dtype: torch.dtype = torch.float32, split: str = "train", decode: bool = True) -> None:
         for name, value, low in (("batch_size", batch_size, 1), ("block_rows", block_rows, 1),
                                  ("buffer_rows", buffer_rows, 1), ("prefetch", prefetch, 1), ("seed", seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -231,7 +281,11 @@ class ActivationLoader:
         self.cache, self.split, self.dtype, self.seed = cache, split, dtype, seed
         self.stacked = not isinstance(layers, int)
         self.layers = self._check_layers(cache, [layers] if isinstance(layers, int) else list(layers))
-        self._row_shape = (len(self.layers), cache.d_model) if self.stacked else (cache.d_model,)
+        # decode=False on an 8-bit cache: batches of packed rows, decoded by the consumer on its device (rows_on).
+        self.packed = bool(getattr(cache, "encoded", False)) and not decode
+        width = cache.d_model + (encoding.PACKED_EXTRA if self.packed else 0)
+        self._row_shape = (len(self.layers), width) if self.stacked else (width,)
+        self.columns = self._column_table(cache, split, self.layers, self.stacked) if self.packed else None
         self.batch_size, self.block_rows, self.buffer_rows = batch_size, block_rows, buffer_rows
         self.prefetch = prefetch
         self._blocks = _Blocks(cache, split, block_rows)
@@ -244,6 +298,19 @@ class ActivationLoader:
         self._workers: set[_Worker] = set()
         self._closed = False
         self.bytes_read = 0  # bytes of cache rows read for batches so far (all iterations); the worker adds
+
+    @staticmethod
+    def _column_table(cache, split: str, layers: list[int], stacked: bool) -> torch.Tensor:
+        """[shards, (L,) d] float32: every shard's column scales, read from the shards' headers (the rows
+        that use them are read, and verified, through the cache as usual)."""
+        from cache import shardio
+
+        table = []
+        for info in cache.shards(split):
+            reader = shardio.open_shard(cache.path / info.name, cache.backend)
+            table.append(torch.stack([reader.get(encoding.col_scale_key(L)).clone() for L in layers]))
+        out = torch.stack(table) if table else torch.zeros((0, len(layers), cache.d_model))
+        return out if stacked else out[:, 0]
 
     @staticmethod
     def _check_layers(cache, layers: list) -> list[int]:
@@ -371,8 +438,12 @@ class _Worker:
             rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             index = pos // B
             nxt_pos = (epoch + 1, 0) if hi == N else (epoch, index + 1)
-            x = _to_torch(rows, self._loader.cache.dtype, self._loader.dtype)
-            if not self._put(Batch(x, epoch, index, nxt_pos)):
+            ld = self._loader
+            if ld.packed:
+                batch = Batch(torch.from_numpy(rows), epoch, index, nxt_pos, ld.columns, ld.dtype)
+            else:
+                batch = Batch(_to_torch(rows, ld.cache.dtype, ld.dtype), epoch, index, nxt_pos)
+            if not self._put(batch):
                 return
             if hi == cur.row_end:  # drained (always so at the end of an epoch)
                 cur, nxt = self._advance(cur, nxt)
@@ -397,8 +468,9 @@ class _Worker:
 
     def _buffer(self, plan: _EpochPlan, index: int) -> _Buffer:
         ld = self._loader
+        kind = np.uint8 if ld.packed else _NP_STORAGE[ld.cache.dtype]
         storage = self._spare.pop() if self._spare else \
-            np.empty((plan.blocks_per_buffer * ld.block_rows, *ld._row_shape), dtype=_NP_STORAGE[ld.cache.dtype])
+            np.empty((plan.blocks_per_buffer * ld.block_rows, *ld._row_shape), dtype=kind)
         return _Buffer(ld, plan, index, storage, self._source)
 
     def _advance(self, cur: _Buffer, nxt: _Buffer | None) -> tuple[_Buffer, None]:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sae import BaseSAE
 from settings import TrainingConfig
+from train.data import rows_on
 from train.distributed import DataParallel
 from train.plan import RunPlan
 from train.precision import autocast_for, compute_dtype
@@ -254,17 +255,18 @@ def _on_device(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[A
     """(batch, its rows on `device`). On a GPU the next batch is pinned and its copy queued before the
     current one is handed to the step, so it is on the device when that step ends. On a CPU the
     loader's reader thread already holds the next batches ready (train/data.py, `prefetch`)."""
+    tables: dict = {}  # an 8-bit loader's column scales on the device (train.data.rows_on)
     if device.type != "cuda":
         for batch in batches:
-            yield batch, batch.x.to(device)
+            yield batch, rows_on(batch, device, tables=tables)
         return
     it = iter(batches)
     ahead = next(it, None)
-    pending = None if ahead is None else (ahead, ahead.x.pin_memory().to(device, non_blocking=True))
+    pending = None if ahead is None else (ahead, rows_on(ahead, device, pin=True, tables=tables))
     while pending is not None:
         current = pending
         ahead = next(it, None)
-        pending = None if ahead is None else (ahead, ahead.x.pin_memory().to(device, non_blocking=True))
+        pending = None if ahead is None else (ahead, rows_on(ahead, device, pin=True, tables=tables))
         yield current
 
 

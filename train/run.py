@@ -38,7 +38,7 @@ from train.build import (
 )
 from train.calibrate import calibration_batches
 from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, write_checkpoint
-from train.data import ActivationLoader
+from train.data import ActivationLoader, rows_on
 from train.distributed import DataParallel, RankLoader
 from train.layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE, checkpoint_name
 from train.loop import LoopHooks, NonFiniteLossError, Stepper, TrainState, make_optimizer, run_loop
@@ -94,7 +94,10 @@ LoaderFactory = Callable[[Cache, LayerChoice, TrainingConfig], Any]
 
 def activation_loader(data: Cache, choice: LayerChoice, t: TrainingConfig) -> ActivationLoader:
     """The run's batches: every rank plans the same global batches (RankLoader hands each its rows)."""
-    return ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed, buffer_rows=t.shuffle_buffer_rows)
+    # An 8-bit cache is decoded on the GPU that trains (train.data.rows_on), on a CPU by the loader's thread.
+    on_gpu = resolve_device(t.device, key="training.device").type == "cuda"
+    return ActivationLoader(data, choice.loader_layers, t.batch_size, seed=t.seed, buffer_rows=t.shuffle_buffer_rows,
+                            decode=not on_gpu)
 
 
 def train(cfg: Config, *, after_step: Iterable[Callable[[TrainState], None]] = (),
@@ -261,7 +264,7 @@ def _model_and_state(run: _Run, say: Callable[[str], None]) -> tuple[Any, torch.
     else:
         batches = run.loader.batches(0, 0)  # the global first batch, on every rank
         try:
-            init_from_sample(model, next(batches).x.to(run.device))
+            init_from_sample(model, rows_on(next(batches), run.device))
         finally:
             batches.close()  # stops its reader thread
         if run.dp is not None:

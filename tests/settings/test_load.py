@@ -97,6 +97,7 @@ def test_an_architectures_own_rules_are_checked_at_load():
 def test_literal_choices_agree_with_their_owners():
     import typing
 
+    from cache.encoding import ENCODED_DTYPES
     from cache.names import BACKENDS, STORED_DTYPES, ZARR_COMPRESSIONS
     from settings import HarvestConfig, TrainingConfig
     from train.precision import TRAINING_DTYPES
@@ -105,7 +106,8 @@ def test_literal_choices_agree_with_their_owners():
     hints, thints = typing.get_type_hints(HarvestConfig), typing.get_type_hints(TrainingConfig)
     assert typing.get_args(hints["backend"]) == BACKENDS
     assert typing.get_args(typing.get_args(hints["zarr_compression"])[0]) == ZARR_COMPRESSIONS
-    assert set(typing.get_args(hints["store_dtype"])) == {"auto", *STORED_DTYPES}
+    assert set(typing.get_args(hints["store_dtype"])) == {"auto", *STORED_DTYPES, *ENCODED_DTYPES}
+    assert set(typing.get_args(hints["dtype"])) == {"auto", *STORED_DTYPES}  # the model's compute dtype
     assert typing.get_args(thints["lr_schedule"]) == LR_SCHEDULES
     assert typing.get_args(thints["dtype"]) == TRAINING_DTYPES
 
