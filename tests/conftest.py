@@ -2,6 +2,7 @@
 
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -31,6 +32,16 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt during the test. A shell starts a background job (`make test &`,
+    nohup) with SIGINT ignored, and Python then leaves it ignored, by design: a test that sends itself
+    SIGINT needs the usual handler back."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 # The real SmolLM2 model and a small real harvest of it, shared by every package's tests.

@@ -148,7 +148,7 @@ def test_each_member_ends_bitwise_equal_to_its_solo_run_and_batches_are_read_onc
 
 
 @pytest.mark.parametrize("how", ["a member raises", "Ctrl-C while the reader waits"])
-def test_resume_after_a_kill_resumes_every_member_bitwise(tmp_path, base, how):
+def test_resume_after_a_kill_resumes_every_member_bitwise(tmp_path, base, how, sigint_raises):
     full = load_sweep(_sweep_file(tmp_path, base, MIXED, name="full"))
     run_sweep(full)
     stop = Killed if how == "a member raises" else KeyboardInterrupt
