@@ -5,6 +5,10 @@ a temporary name, fsync): their work overlaps that of the other workers and the 
 committer thread *commits* (renames, one fsync of the folder, one manifest rewrite) the longest run of
 prepared shards that follow the last committed shard of their split, all together: shards that finish
 together share one manifest rewrite, and the manifest never lists a shard before its predecessors.
+Commits are at least `commit_interval` seconds apart, so that shards finishing within that time share a
+rewrite too: a manifest of a wide, many-layer cache is megabytes of JSON whose encoding holds the
+interpreter lock, which every worker needs between its torch calls. A commit is not delayed when the
+producer waits for one (max_uncommitted reached), for `drain`, or at the end.
 
 At most `max_inflight` shards are emitted and not yet written (they hold the buffers: this bounds
 memory), and at most `max_uncommitted` are emitted and not yet committed (what a crash can lose);
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,8 +51,11 @@ class Pipeline:
 
     def __init__(self, *, prepare: Callable[[Job], None], commit: Callable[[list[Job]], None],
                  discard: Callable[[Job], None], next_index: dict[str, int], workers: int,
-                 max_inflight: int, max_uncommitted: int) -> None:
+                 max_inflight: int, max_uncommitted: int, commit_interval: float = 0.0) -> None:
         self._prepare, self._commit, self._discard = prepare, commit, discard
+        self._interval = commit_interval
+        self._last_commit = -math.inf
+        self._draining = 0
         self._max_unwritten, self._max_unfinished = max_inflight, max(max_inflight, max_uncommitted)
         self._unwritten = 0
         self._cond = threading.Condition()
@@ -110,8 +118,13 @@ class Pipeline:
     def drain(self) -> None:
         """Wait until every submitted shard is committed or dropped; raise the first error."""
         with self._cond:
-            while self._unfinished:
-                self._cond.wait()
+            self._draining += 1
+            self._cond.notify_all()
+            try:
+                while self._unfinished:
+                    self._cond.wait()
+            finally:
+                self._draining -= 1
             if self._error is not None:
                 raise self._error
 
@@ -164,15 +177,30 @@ class Pipeline:
                 self._next[split] += 1
         return group, dropped
 
+    def _due(self, held: int) -> float:
+        """Seconds until the next commit of the `held` collected shards may run (0: now); caller holds
+        the lock. At the end (drain, close) the last shards are committed as soon as they are all in
+        hand; until then the interval still groups them."""
+        if self._error is not None or self._unfinished >= self._max_unfinished:
+            return 0.0
+        if (self._draining or self._stopping) and held >= self._unfinished:
+            return 0.0
+        return max(0.0, self._last_commit + self._interval - time.monotonic())
+
     def _commit_loop(self) -> None:
         while True:
             with self._cond:
                 group, dropped = self._collect()
-                while not group and not dropped:
+                while not dropped and (not group or self._due(len(group)) > 0):
                     if self._stopping and not self._unfinished:
                         return
-                    self._cond.wait()
-                    group, dropped = self._collect()
+                    self._cond.wait(self._due(len(group)) if group else None)
+                    more, dropped = self._collect()
+                    group += more
+                # A shard collected while the commit waited is dropped if an earlier one failed since.
+                dropped += [job for job in group if job.seq > self._error_seq]
+                group = [job for job in group if job.seq <= self._error_seq]
+                self._last_commit = time.monotonic()
             for job in dropped:
                 try:
                     self._discard(job)

@@ -43,6 +43,9 @@ from .stats import ShardSums, combine, host_row_sums
 # INFLIGHT_BYTES of activations (host memory), and at least 2. Of `max_uncommitted`: up to 64 shards
 # while they hold less than UNCOMMITTED_BYTES, and at least max_inflight.
 GROUP_BYTES = 512 << 20
+# Seconds between manifest rewrites of an async writer (cache/pipeline.py): shards that finish within it
+# share one rewrite. A crash may lose them, as it may lose any shard not yet listed (FORMAT.md 6).
+COMMIT_INTERVAL = 0.5
 INFLIGHT_BYTES = 4 << 30
 UNCOMMITTED_BYTES = 2 << 30
 
@@ -168,7 +171,8 @@ class CacheWriter:
         self._pipeline = Pipeline(prepare=self._prepare, commit=self._commit, discard=self._discard,
                                   next_index=self._next_index, workers=workers if async_write else 1,
                                   max_inflight=max_inflight if async_write else 1,
-                                  max_uncommitted=max_uncommitted if async_write else 1)
+                                  max_uncommitted=max_uncommitted if async_write else 1,
+                                  commit_interval=COMMIT_INTERVAL if async_write else 0.0)
 
     @staticmethod
     def _check_args(layers: list[int], d_model: int, dtype: str, shard_rows: int, backend: str,

@@ -349,3 +349,60 @@ def test_written_shards_wait_for_their_commit_without_holding_rows(tmp_path, mon
     blocked.join(30)
     w.finish()
     assert cache.open(tmp_path / "c").num_rows("train") == 24
+
+
+def _listed_per_rewrite(monkeypatch) -> list[int]:
+    """How many train shards each manifest rewrite lists, recorded as the rewrites happen."""
+    from cache import manifest as manifest_mod
+
+    real_save, listed = manifest_mod.save, []
+
+    def save(folder, m, *a, **kw):
+        listed.append(len(m["shards"]["train"]))
+        return real_save(folder, m, *a, **kw)
+
+    monkeypatch.setattr(manifest_mod, "save", save)
+    return listed
+
+
+def test_shards_finishing_within_the_commit_interval_share_one_rewrite_and_the_end_does_not_wait(
+        tmp_path, monkeypatch):
+    """With a long commit interval, the first shard is committed at once, the next ones wait for the
+    interval and then share one rewrite; finish() commits what is left without waiting for it."""
+    from cache import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "COMMIT_INTERVAL", 60.0)
+    listed = _listed_per_rewrite(monkeypatch)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2, max_inflight=6,
+                   max_uncommitted=6)
+    w.append("train", chunk=0, offset=0, **_args(4))
+    deadline = time.monotonic() + 30
+    while w.rows_written("train") < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w.rows_written("train") == 4, "the first shard is committed without waiting"
+    for i in range(1, 5):
+        w.append("train", chunk=i, offset=0, **_args(4))
+    deadline = time.monotonic() + 30
+    while len(list((tmp_path / "c").glob(".tmp-train-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert w.rows_written("train") == 4, "shards 1-4 are written, and wait for the interval to be listed"
+    started = time.monotonic()
+    w.finish()
+    assert time.monotonic() - started < 30, "finish() must not wait for the commit interval"
+    assert listed == [0, 1, 5, 5]  # open, shard 0, shards 1-4 together, finish (complete)
+    assert cache.verify(tmp_path / "c") == []
+
+
+def test_a_producer_at_max_uncommitted_gets_its_commit_without_waiting_for_the_interval(tmp_path, monkeypatch):
+    from cache import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "COMMIT_INTERVAL", 60.0)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2, max_inflight=2,
+                   max_uncommitted=2)
+    producer = threading.Thread(target=lambda: [w.append("train", chunk=i, offset=0, **_args(4)) for i in range(8)])
+    producer.start()
+    producer.join(30)
+    assert not producer.is_alive(), "the producer waited for the commit interval at max_uncommitted"
+    w.finish()
+    assert cache.open(tmp_path / "c").num_rows("train") == 32
