@@ -6,7 +6,11 @@
 
 On pre-activations of the step's shape (random encoder, Gaussian rows), in float32 and bf16 (the
 compute dtype under `training.dtype=bfloat16`), median of `--reps` calls after one warm-up:
-- `topk`: `torch.topk(k, sorted=False)` over the row (sae.selection.row_topk_indices, what is kept);
+- `topk`: `torch.topk(k, sorted=False)` over the whole row (what the step used before the strided one);
+- `strided<w>`: the top-k blocks of w strided columns by their maxima, then a top-k among their
+  k * w entries (sae.selection.strided_block_topk);
+- `row_topk`: what the step uses (sae.selection.row_topk: strided with `strided_width`'s width on the
+  CPU for wide rows, torch.topk otherwise), and that width;
 - `blocked<n>`: a top-k in each of n column blocks, then among the n*k candidates
   (sae.selection.blocked_topk_indices);
 - `threshold mask pass`: only the masked pass of "a threshold from a strided 1/8 sample, then keep what
@@ -30,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae.selection import blocked_topk_indices, row_topk_indices  # noqa: E402
+from sae.selection import blocked_topk_indices, row_topk, strided_block_topk, strided_width  # noqa: E402
 
 
 def timed(fn: Any, reps: int) -> float:
@@ -61,16 +65,22 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     k = args.k
-    compiled = None if args.no_compile else torch.compile(lambda z: row_topk_indices(z, k), dynamic=False)
+    compiled = None if args.no_compile else torch.compile(lambda z: z.topk(k, dim=1, sorted=False), dynamic=False)
+    widths = (4, 8, 16, 32)
     print(f"load average at start {os.getloadavg()[0]:.1f}; ms per call, median of {args.reps}")
-    print("| latents | dtype | topk | blocked4 | blocked8 | blocked16 | threshold mask pass | compiled topk | max |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| latents | dtype | topk | " + " | ".join(f"strided{w}" for w in widths) + " | row_topk (width) "
+          "| blocked4 | blocked8 | blocked16 | threshold mask pass | compiled topk | max |")
+    print("|---|---|---|" + "---|" * len(widths) + "---|---|---|---|---|---|---|")
     for m in args.latents:
         torch.manual_seed(0)
         z32 = torch.randn(args.batch, args.d) @ (torch.randn(m, args.d) / args.d**0.5).T
         for dtype in (torch.float32, torch.bfloat16):
             z = z32.to(dtype)
-            row = [timed(lambda z=z: row_topk_indices(z, k), args.reps)]
+            row = [timed(lambda z=z: z.topk(k, dim=1, sorted=False), args.reps)]
+            for w in widths:
+                ok = m % w == 0 and m // w >= k
+                row.append(timed(lambda z=z, w=w: strided_block_topk(z, k, w), args.reps) if ok else float("nan"))
+            kept = timed(lambda z=z: row_topk(z, k), args.reps)
             for blocks in (4, 8, 16):
                 ok = m % blocks == 0 and m // blocks >= k
                 fn = lambda z=z, b=blocks: blocked_topk_indices(z, k, b)  # noqa: E731
@@ -78,8 +88,9 @@ def main() -> None:
             row.append(timed(lambda z=z: threshold_mask_pass(z, k), args.reps))
             row.append(timed(lambda z=z: compiled(z), args.reps) if compiled is not None else float("nan"))
             row.append(timed(lambda z=z: z.max(dim=1), args.reps))
-            print(f"| {m} | {str(dtype).removeprefix('torch.')} | " + " | ".join(f"{v:.1f}" for v in row) + " |",
-                  flush=True)
+            cells = [f"{v:.1f}" for v in row]
+            cells.insert(1 + len(widths), f"{kept:.1f} ({strided_width(m, k) or 'torch.topk'})")
+            print(f"| {m} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Selections are computed without gradient; the values that carry gradient come fr
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,16 +32,29 @@ class Selection:
     cols [N] long: latent index of each entry.
     offsets [B] long: start of row b's entries in `cols` (row b owns offsets[b]:offsets[b+1]).
     n_latents: M.
+    values [N] or None: the kept pre-activations, where the selection computed them anyway (a top-k
+    returns them), so that `gather_preacts` need not index the [B, M] matrix again.
     """
 
     rows: Tensor
     cols: Tensor
     offsets: Tensor
     n_latents: int
+    values: Tensor | None = None
 
     @property
     def n_rows(self) -> int:
         return self.offsets.shape[0]
+
+    @functools.cached_property
+    def by_latent(self) -> tuple[Tensor, Tensor]:
+        """(order [N], starts [M]): the entries sorted by latent, and each latent's first position in that
+        order. Computed once per selection: the encoder's and the decoder's weight gradients both
+        group the entries by latent (`sae.sparse_decode.scatter_rows`)."""
+        sorted_cols, order = self.cols.sort()
+        # searchsorted rather than bincount + cumsum, whose CUDA kernel reads the largest index back to
+        # the host (a sync per step)
+        return order, torch.searchsorted(sorted_cols, torch.arange(self.n_latents, device=self.cols.device))
 
     def counts(self) -> Tensor:
         """[B] entries kept per row."""
@@ -50,13 +66,63 @@ def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
     return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
 
 
+# Per-row top-k on the CPU through strided blocks (`strided_block_topk`) from this many columns up,
+# with blocks of STRIDED_WIDTH[M] entries (the best width measured by bench/bench_topk_select.py,
+# bench/RESULTS.md "Top-k selection"); torch.topk alone below it, on CUDA (a radix select that reads
+# the row once) and where M does not split into such blocks.
+STRIDED_MIN_COLUMNS = 1024
+
+
+def strided_width(m: int, k: int) -> int | None:
+    """The block width `row_topk` uses for rows of m columns and a top-k on the CPU, or None (torch.topk).
+    About sqrt(m / k), which balances the two top-k's the blocked selection runs (over m / width block
+    maxima and over k * width candidates), rounded to a power of two that divides m."""
+    if m < STRIDED_MIN_COLUMNS:
+        return None
+    width = 1 << max(1, round(math.log2(math.sqrt(m / k))))
+    while width > 1 and (m % width or m // width < 2 * k):
+        width //= 2
+    return width if width > 1 else None
+
+
+@torch.no_grad()
+def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, column indices), each [B, k], of a top-k of each row of z [B, M] (in no order), in z's
+    dtype. On the CPU, `strided_block_topk` where the row is wide enough (1.3x faster than torch.topk at
+    3072 columns, bench/RESULTS.md "Top-k selection"); elsewhere torch.topk over the whole row."""
+    width = strided_width(z.shape[1], k) if z.device.type == "cpu" else None
+    if width is None:
+        return z.topk(k, dim=1, sorted=False)
+    return strided_block_topk(z, k, width)
+
+
 @torch.no_grad()
 def row_topk_indices(z: Tensor, k: int) -> Tensor:
-    """[B, k] column indices of a top-k of each row of z [B, M] (in no order), in z's dtype.
-    `torch.topk` over the whole row: the fastest exact way measured on the CPU (bench/RESULTS.md,
-    "Top-k selection"), against a blocked two-stage selection, a threshold from a sample followed by a
-    masked pass, and `torch.compile` of the selection."""
-    return z.topk(k, dim=1, sorted=False).indices
+    """[B, k] column indices of a top-k of each row of z [B, M] (in no order): `row_topk`'s."""
+    return row_topk(z, k)[1]
+
+
+@torch.no_grad()
+def strided_block_topk(z: Tensor, k: int, width: int) -> tuple[Tensor, Tensor]:
+    """The exact per-row top-k of z [B, M] (values, indices [B, k]) through blocks of `width` columns.
+
+    Block c holds the columns c, c + M/width, c + 2M/width, ... (strided, so that the block maxima are
+    one elementwise-max pass over `width` contiguous [B, M/width] slices, which vectorises in bf16 too).
+    Only the k blocks with the largest maxima can hold a top-k entry: if an entry e of another block
+    were among the k largest, those k blocks' maxima, each >= that block's maximum >= e, would be k
+    further entries >= e (ties at the cut: the k blocks hold at least k entries >= the k-th largest
+    maximum, so a top-k can be completed inside them). So a top-k over the M / width maxima, then
+    over the k * width entries of the chosen blocks, costs two small top-k's instead of one over M,
+    whose CPU kernel costs ~7 ns an entry whatever k is. Needs M divisible by width, M / width >= k."""
+    b, m = z.shape
+    n_blocks = m // width
+    if n_blocks * width != m or n_blocks < k:
+        raise ValueError(f"strided top-k needs M={m} to split into blocks of {width} columns, at least k={k} of them")
+    block_max = z.view(b, width, n_blocks).amax(dim=1)  # [B, n_blocks]
+    blocks = block_max.topk(k, dim=1, sorted=False).indices  # [B, k]
+    cand = (blocks[:, :, None] + n_blocks * torch.arange(width, device=z.device)).view(b, k * width)
+    values, pick = z.gather(1, cand).topk(k, dim=1, sorted=False)
+    return values, cand.gather(1, pick)
 
 
 @torch.no_grad()
@@ -76,12 +142,12 @@ def blocked_topk_indices(z: Tensor, k: int, blocks: int) -> Tensor:
 
 @torch.no_grad()
 def select_topk(z: Tensor, k: int) -> Selection:
-    """Per-row TopK of z [B, M]: exactly k entries per row (rows of `cols` in value order)."""
+    """Per-row TopK of z [B, M]: exactly k entries per row (in no order within a row), with their values."""
     b, m = z.shape
-    cols = row_topk_indices(z, k).reshape(-1)
+    values, cols = row_topk(z, k)
     rows = torch.arange(b, device=z.device).repeat_interleave(k)
     offsets = torch.arange(0, b * k, k, device=z.device)
-    return Selection(rows, cols, offsets, m)
+    return Selection(rows, cols.reshape(-1), offsets, m, values.reshape(-1))
 
 
 @torch.no_grad()
@@ -159,7 +225,7 @@ def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
     columns cost a second full-width top-k per step, which halved a CPU step when many were dead."""
     dead_cols = dead_mask.nonzero().squeeze(1)
     sub = select_topk(z.index_select(1, dead_cols), k_aux)
-    return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1])
+    return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1], sub.values)
 
 
 @torch.no_grad()
@@ -171,4 +237,5 @@ def select_dead_topk_masked(z: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[S
     n_dead) gives."""
     masked = z.masked_fill(~dead_mask, float("-inf"))
     sel = select_topk(masked, min(k_aux, z.shape[1]))
-    return sel, dead_mask[sel.cols]
+    # without the values: the live picks' are -inf here, and AuxK reads the true z there
+    return dataclasses.replace(sel, values=None), dead_mask[sel.cols]

@@ -10,9 +10,11 @@ Everything after the selection touches N = (kept entries) rows of the weights:
       d b_enc[m] = sum_{n: cols[n] = m} g[n]                      (index_add)
   instead of two dense [B, M] x [M, d] GEMMs.
 - `decode_selected`: x_hat[b] = sum_{n in row b} vals[n] * W_dec[cols[n]] via `embedding_bag`
-  (mode "sum", per_sample_weights), whose own backward touches only the selected rows of W_dec
-  and computes d vals as gather-dots. `impl="dense"` scatters into [B, M] and uses a GEMM instead;
+  (mode "sum", per_sample_weights); d vals are gather-dots (embedding_bag's own backward) and
+      d W_dec[m] = sum_{n: cols[n] = m} vals[n] * g[rows[n]]       (`scatter_rows` again)
+  touches only the selected rows. `impl="dense"` scatters into [B, M] and uses a GEMM instead;
   both give the same values and gradients (tests/sae/test_sparse_decode.py).
+Both weight gradients group the entries by latent with one sort per selection (`Selection.by_latent`).
 Bias terms (b_dec) are added by the caller.
 """
 
@@ -32,11 +34,9 @@ def scatter_rows(sel: Selection, weights: Tensor, source: Tensor) -> Tensor:
 
     sel: N entries; weights [N]; source [B, d] -> [M, d]. Sorting the entries by latent turns this
     into an embedding_bag with one bag per latent (empty bags give zero rows), which on CPU is
-    several times faster than index_add over materialised [N, d] products."""
-    sorted_cols, order = sel.cols.sort()
-    # Each latent's first entry in the sorted list; searchsorted rather than bincount + cumsum, whose
-    # CUDA kernel reads the largest index back to the host (a sync per step).
-    starts = torch.searchsorted(sorted_cols, torch.arange(sel.n_latents, device=sorted_cols.device))
+    several times faster than index_add over materialised [N, d] products. The sort is the
+    selection's (`Selection.by_latent`), shared by every gradient of the step that needs it."""
+    order, starts = sel.by_latent
     w = weights[order].to(source.dtype)
     return F.embedding_bag(sel.rows[order], source, starts, mode="sum", per_sample_weights=w)
 
@@ -45,34 +45,56 @@ class _GatherPreacts(torch.autograd.Function):
     """z[rows, cols] with a sparse backward to (x_c, W_enc, b_enc); z itself gets no gradient."""
 
     @staticmethod
-    def forward(ctx, z, x_c, w_enc, b_enc, rows, cols, offsets, n_latents):  # noqa: D401
-        ctx.save_for_backward(x_c, w_enc, rows, cols, offsets)
-        ctx.n_latents = n_latents
-        return z[rows, cols]
+    def forward(ctx, z, x_c, w_enc, b_enc, sel):  # noqa: D401
+        ctx.save_for_backward(x_c, w_enc)
+        ctx.sel = sel  # not saved_tensors: its tensors carry no gradient, and it caches its sort
+        return z[sel.rows, sel.cols] if sel.values is None else sel.values.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x_c, w_enc, rows, cols, offsets = ctx.saved_tensors
-        sel = Selection(rows, cols, offsets, ctx.n_latents)
+        x_c, w_enc = ctx.saved_tensors
+        sel = ctx.sel
+        cols, offsets = sel.cols, sel.offsets
         g_x = g_w = g_b = None
         if ctx.needs_input_grad[1]:
             g_x = F.embedding_bag(cols, w_enc, offsets, mode="sum", per_sample_weights=grad.to(w_enc.dtype))
         if ctx.needs_input_grad[2]:
             g_w = scatter_rows(sel, grad, x_c).to(w_enc.dtype)
         if ctx.needs_input_grad[3]:
-            g_b = torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return None, g_x, g_w, g_b, None, None, None, None
+            g_b = torch.zeros(sel.n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        return None, g_x, g_w, g_b, None
 
 
 def gather_preacts(z: Tensor, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """The kept pre-activations [N] of z = x_c @ w_enc.T + b_enc.
+    """The kept pre-activations [N] of z = x_c @ w_enc.T + b_enc (`sel.values` where the selection
+    kept them, else read from z).
 
     z [B, M]: if it carries gradient (the dense path), this is plain indexing and autograd runs the
     dense backward; if not (the sparse path), gradient reaches x_c [B, d], w_enc [M, d] and b_enc [M]
     through the sparse backward above."""
     if z.requires_grad:
         return z[sel.rows, sel.cols]
-    return _GatherPreacts.apply(z, x_c, w_enc, b_enc, sel.rows, sel.cols, sel.offsets, sel.n_latents)
+    return _GatherPreacts.apply(z, x_c, w_enc, b_enc, sel)
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """The identity on the decoded rows [B, d], whose backward also gives W_dec its gradient,
+    d W_dec[m] = sum_{n: cols[n] = m} vals[n] * grad[rows[n]], by `scatter_rows` (an embedding_bag over
+    the selection's sort, shared with the encoder's gradient). embedding_bag's own weight gradient
+    (a per-index accumulation that sorts the indices again) cost 3-4x as much on the CPU; its gradient
+    to the per-sample weights (the kept values) is still the one autograd computes."""
+
+    @staticmethod
+    def forward(ctx, out, w_dec, vals, sel):  # noqa: D401
+        ctx.save_for_backward(vals)
+        ctx.sel, ctx.w_dtype = sel, w_dec.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (vals,) = ctx.saved_tensors
+        g_w = scatter_rows(ctx.sel, vals, grad).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return grad, g_w, None, None
 
 
 def densify(sel: Selection, vals: Tensor) -> Tensor:
@@ -84,7 +106,11 @@ def densify(sel: Selection, vals: Tensor) -> Tensor:
 def decode_selected(sel: Selection, vals: Tensor, w_dec: Tensor, impl: str = "sparse") -> Tensor:
     """sum_n vals[n] * w_dec[cols[n]] per row, without bias: vals [N], w_dec [M, d] -> [B, d]."""
     if impl == "sparse":
-        return F.embedding_bag(sel.cols, w_dec, sel.offsets, mode="sum", per_sample_weights=vals.to(w_dec.dtype))
+        out = F.embedding_bag(sel.cols, w_dec.detach(), sel.offsets, mode="sum",
+                              per_sample_weights=vals.to(w_dec.dtype))
+        if w_dec.requires_grad and torch.is_grad_enabled():
+            out = _DecoderGrad.apply(out, w_dec, vals.detach(), sel)
+        return out
     if impl == "dense":
         return densify(sel, vals).to(w_dec.dtype) @ w_dec
     raise ValueError(f"decode impl must be one of {IMPLS}, got {impl!r}")

@@ -4,7 +4,14 @@
 import pytest
 import torch
 
-from sae.selection import blocked_topk_indices, row_topk_indices, select_topk
+from sae.selection import (
+    blocked_topk_indices,
+    row_topk,
+    row_topk_indices,
+    select_topk,
+    strided_block_topk,
+    strided_width,
+)
 
 
 def _check_exact(z: torch.Tensor, idx: torch.Tensor, k: int) -> None:
@@ -56,3 +63,42 @@ def test_the_blocked_alternative_is_exact_too(dtype):
     _check_exact(y, blocked_topk_indices(y, 16, 8), 16)
     with pytest.raises(ValueError, match="blocks"):
         blocked_topk_indices(z, 16, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [2, 8, 32])
+def test_the_strided_block_selection_is_exact(dtype, width):
+    torch.manual_seed(4)
+    m, k = 2048, 16
+    n_blocks = m // width
+    z = torch.randn(12, m).to(dtype)
+    z[0, 5::n_blocks] = 50.0  # a whole block of winners: the top-k may take several entries of one block
+    z[1, 7::n_blocks] = torch.arange(width).to(dtype) + 40.0
+    z[1, 9] = 45.0  # ... mixed with another block's
+    z[2] = torch.randint(0, 3, (m,)).to(dtype)  # ties at the cut in every block
+    z[3] = 1.0  # one value everywhere
+    z[4, :] = -torch.arange(m).to(dtype)  # strictly decreasing (negative values)
+    values, idx = strided_block_topk(z, k, width)
+    _check_exact(z, idx, k)
+    assert torch.equal(values, z.gather(1, idx))  # the values returned are those of the indices
+    with pytest.raises(ValueError, match="blocks"):
+        strided_block_topk(z, k, 3)  # 2048 does not split into blocks of 3
+    with pytest.raises(ValueError, match="blocks"):
+        strided_block_topk(z, 512, 8)  # 256 blocks < k
+
+
+def test_row_topk_takes_the_strided_path_on_wide_cpu_rows_and_topk_elsewhere():
+    assert strided_width(3072, 32) == 8  # about sqrt(3072 / 32) = 9.8, a power of two dividing 3072
+    assert strided_width(12288, 32) == 16
+    assert strided_width(1000, 7) is None  # narrow: torch.topk
+    assert strided_width(3000, 32) == 8  # 3000 = 8 * 375
+    assert strided_width(3001, 32) is None  # odd: no block width divides it
+    w = strided_width(4096, 1024)  # k large against M: keep at least 2k blocks, so w = 2
+    assert w == 2 and 4096 // w >= 2 * 1024
+    torch.manual_seed(5)
+    z = torch.randn(6, 3072)
+    values, idx = row_topk(z, 32)
+    _check_exact(z, idx, 32)
+    assert torch.equal(values, z.gather(1, idx))
+    sel = select_topk(z, 32)
+    assert torch.equal(sel.values, z[sel.rows, sel.cols])  # the selection keeps the values it found

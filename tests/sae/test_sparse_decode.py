@@ -63,16 +63,19 @@ def test_scatter_rows_matches_definition():
     assert rel(scatter_rows(sel, weights, source), ref) < TOL
 
 
-def test_gather_preacts_sparse_backward_matches_autograd():
-    sel = selections()[0]
+@pytest.mark.parametrize("kept_values", [False, True], ids=["indexed", "values-from-the-top-k"])
+def test_gather_preacts_sparse_backward_matches_autograd(kept_values):
     torch.manual_seed(10)
     x_c = torch.randn(12, 6, requires_grad=True)
     w = torch.randn(40, 6, requires_grad=True)
     b = torch.randn(40, requires_grad=True)
-    g = torch.randn(sel.cols.numel())
     dense = torch.nn.functional.linear(x_c, w, b)
     with torch.no_grad():
         detached = torch.nn.functional.linear(x_c, w, b)
+    # a top-k keeps the values it found (Selection.values); BatchTopK's selection does not
+    sel = select_topk(detached, 5) if kept_values else selections()[1]
+    assert (sel.values is not None) == kept_values
+    g = torch.randn(sel.cols.numel())
     v_dense = gather_preacts(dense, sel, x_c, w, b)
     v_sparse = gather_preacts(detached, sel, x_c, w, b)
     assert torch.equal(v_dense, v_sparse)
