@@ -119,9 +119,15 @@ class DataParallel:
     def barrier(self) -> None:
         dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group (after a run that ended normally)."""
+    def close(self, *, normal_end: bool = True) -> None:
+        """Leave the process group. After a normal end every rank first waits for the others at a
+        barrier, as the harvest does: a rank that tore its gloo connections down while a peer was still
+        finishing its last collective once aborted at exit ("terminate called without an active
+        exception") in a loaded test run. On an error path (`normal_end=False`) it leaves at once: the
+        other ranks may never reach a barrier."""
         if dist.is_initialized():
+            if normal_end:
+                dist.barrier()
             dist.destroy_process_group()
 
     # ---- the step ----------------------------------------------------------------------------

@@ -104,13 +104,13 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] | None = None,
         outcomes = onepass.run(layers)
     except BaseException:
         if group is not None:
-            group.close()
+            group.close(normal_end=False)
         raise
     seconds = time.perf_counter() - start
     failed = [o for o in outcomes if o.status == "failed" and o.error is not None]
     if failed:  # not a member's own stop: a bug or a kill stops the sweep
         if group is not None:
-            group.close()
+            group.close(normal_end=False)
         raise failed[0].error  # type: ignore[misc]
     result = SweepResult(outcomes, mode, onepass.bytes_read, onepass.batches_read, seconds, est)
     everyone = _gather(group, result)
