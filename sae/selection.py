@@ -171,7 +171,7 @@ def batch_topk_flat(a: Tensor, n: int, candidates_per_row: int) -> Tensor:
     c = min(candidates_per_row, m)
     if c >= m or n >= b * c:
         return a.reshape(-1).topk(n, sorted=False).indices
-    cand_val, cand_col = a.topk(c, dim=1, sorted=False)
+    cand_val, cand_col = row_topk(a, c)
     row_base = torch.arange(b, device=a.device)[:, None] * m
     cand_flat = (cand_col + row_base).reshape(-1)
     cut, pos = cand_val.reshape(-1).topk(n, sorted=False)
