@@ -77,7 +77,7 @@ def strided_width(m: int, k: int) -> int | None:
     """The block width `row_topk` uses for rows of m columns and a top-k on the CPU, or None (torch.topk).
     About sqrt(m / k), which balances the two top-k's the blocked selection runs (over m / width block
     maxima and over k * width candidates), rounded to a power of two that divides m."""
-    if m < STRIDED_MIN_COLUMNS:
+    if m < STRIDED_MIN_COLUMNS or k < 1:
         return None
     width = 1 << max(1, round(math.log2(math.sqrt(m / k))))
     while width > 1 and (m % width or m // width < 2 * k):
@@ -118,7 +118,7 @@ def strided_block_topk(z: Tensor, k: int, width: int) -> tuple[Tensor, Tensor]:
     n_blocks = m // width
     if n_blocks * width != m or n_blocks < k:
         raise ValueError(f"strided top-k needs M={m} to split into blocks of {width} columns, at least k={k} of them")
-    block_max = z.view(b, width, n_blocks).amax(dim=1)  # [B, n_blocks]
+    block_max = z.reshape(b, width, n_blocks).amax(dim=1)  # [B, n_blocks]; a view when z is contiguous
     blocks = block_max.topk(k, dim=1, sorted=False).indices  # [B, k]
     cand = (blocks[:, :, None] + n_blocks * torch.arange(width, device=z.device)).view(b, k * width)
     values, pick = z.gather(1, cand).topk(k, dim=1, sorted=False)

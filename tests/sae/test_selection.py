@@ -93,6 +93,7 @@ def test_row_topk_takes_the_strided_path_on_wide_cpu_rows_and_topk_elsewhere():
     assert strided_width(1000, 7) is None  # narrow: torch.topk
     assert strided_width(3000, 32) == 8  # 3000 = 8 * 375
     assert strided_width(3001, 32) is None  # odd: no block width divides it
+    assert strided_width(3072, 0) is None
     w = strided_width(4096, 1024)  # k large against M: keep at least 2k blocks, so w = 2
     assert w == 2 and 4096 // w >= 2 * 1024
     torch.manual_seed(5)
@@ -102,3 +103,9 @@ def test_row_topk_takes_the_strided_path_on_wide_cpu_rows_and_topk_elsewhere():
     assert torch.equal(values, z.gather(1, idx))
     sel = select_topk(z, 32)
     assert torch.equal(sel.values, z[sel.rows, sel.cols])  # the selection keeps the values it found
+
+
+def test_row_topk_takes_a_transposed_matrix():
+    torch.manual_seed(6)
+    z = torch.randn(2048, 10).t()  # [10, 2048], not contiguous
+    _check_exact(z, row_topk(z, 16)[1], 16)
