@@ -33,7 +33,9 @@ class Selection:
     offsets [B] long: start of row b's entries in `cols` (row b owns offsets[b]:offsets[b+1]).
     n_latents: M.
     values [N] or None: the kept pre-activations, where the selection computed them anyway (a top-k
-    returns them), so that `gather_preacts` need not index the [B, M] matrix again.
+    returns them), so that `gather_preacts` need not index the [B, M] matrix again;
+    values_from, values_version: the matrix they were read from and its version counter then
+    (`gather_preacts` uses them only for that matrix, unmodified).
     """
 
     rows: Tensor
@@ -41,10 +43,22 @@ class Selection:
     offsets: Tensor
     n_latents: int
     values: Tensor | None = None
+    values_from: Tensor | None = None
+    values_version: int = 0
 
     @property
     def n_rows(self) -> int:
         return self.offsets.shape[0]
+
+    def values_for(self, z: Tensor) -> Tensor | None:
+        """`values` if they were read from z as it is now (z or a detached alias of it, not modified in
+        place since: same memory, layout and version), else None."""
+        src = self.values_from
+        if self.values is None or src is None:
+            return None
+        same = (src.data_ptr() == z.data_ptr() and src.shape == z.shape and src.stride() == z.stride()
+                and src.dtype == z.dtype and src.device == z.device and _version(z) == self.values_version)
+        return self.values if same else None
 
     @functools.cached_property
     def by_latent(self) -> tuple[Tensor, Tensor]:
@@ -59,6 +73,11 @@ class Selection:
     def counts(self) -> Tensor:
         """[B] entries kept per row."""
         return torch.bincount(self.rows, minlength=self.n_rows)
+
+
+def _version(t: Tensor) -> int:
+    """t's in-place modification counter; -1 for an inference-mode tensor, which keeps none."""
+    return -1 if t.is_inference() else t._version
 
 
 def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
@@ -147,7 +166,7 @@ def select_topk(z: Tensor, k: int) -> Selection:
     values, cols = row_topk(z, k)
     rows = torch.arange(b, device=z.device).repeat_interleave(k)
     offsets = torch.arange(0, b * k, k, device=z.device)
-    return Selection(rows, cols.reshape(-1), offsets, m, values.reshape(-1))
+    return Selection(rows, cols.reshape(-1), offsets, m, values.reshape(-1), z, _version(z))
 
 
 @torch.no_grad()
@@ -225,7 +244,7 @@ def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
     columns cost a second full-width top-k per step, which halved a CPU step when many were dead."""
     dead_cols = dead_mask.nonzero().squeeze(1)
     sub = select_topk(z.index_select(1, dead_cols), k_aux)
-    return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1], sub.values)
+    return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1], sub.values, z, _version(z))
 
 
 @torch.no_grad()
@@ -238,4 +257,4 @@ def select_dead_topk_masked(z: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[S
     masked = z.masked_fill(~dead_mask, float("-inf"))
     sel = select_topk(masked, min(k_aux, z.shape[1]))
     # without the values: the live picks' are -inf here, and AuxK reads the true z there
-    return dataclasses.replace(sel, values=None), dead_mask[sel.cols]
+    return dataclasses.replace(sel, values=None, values_from=None), dead_mask[sel.cols]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sae.selection import Selection
 
@@ -48,9 +49,11 @@ class _GatherPreacts(torch.autograd.Function):
     def forward(ctx, z, x_c, w_enc, b_enc, sel):  # noqa: D401
         ctx.save_for_backward(x_c, w_enc)
         ctx.sel = sel  # not saved_tensors: its tensors carry no gradient, and it caches its sort
-        return z[sel.rows, sel.cols] if sel.values is None else sel.values.clone()
+        kept = sel.values_for(z)
+        return z[sel.rows, sel.cols] if kept is None else kept.clone()
 
     @staticmethod
+    @once_differentiable  # a second derivative through these sums is not implemented: refuse, not guess
     def backward(ctx, grad):
         x_c, w_enc = ctx.saved_tensors
         sel = ctx.sel
@@ -67,7 +70,7 @@ class _GatherPreacts(torch.autograd.Function):
 
 def gather_preacts(z: Tensor, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor) -> Tensor:
     """The kept pre-activations [N] of z = x_c @ w_enc.T + b_enc (`sel.values` where the selection
-    kept them, else read from z).
+    kept them from this very z, else read from z).
 
     z [B, M]: if it carries gradient (the dense path), this is plain indexing and autograd runs the
     dense backward; if not (the sparse path), gradient reaches x_c [B, d], w_enc [M, d] and b_enc [M]
@@ -82,15 +85,17 @@ class _DecoderGrad(torch.autograd.Function):
     d W_dec[m] = sum_{n: cols[n] = m} vals[n] * grad[rows[n]], by `scatter_rows` (an embedding_bag over
     the selection's sort, shared with the encoder's gradient). embedding_bag's own weight gradient
     (a per-index accumulation that sorts the indices again) cost 3-4x as much on the CPU; its gradient
-    to the per-sample weights (the kept values) is still the one autograd computes."""
+    to the per-sample weights (the kept values) is still the one autograd computes. The output is a
+    copy, not a view, so that callers may modify it in place as they could embedding_bag's."""
 
     @staticmethod
     def forward(ctx, out, w_dec, vals, sel):  # noqa: D401
         ctx.save_for_backward(vals)
         ctx.sel, ctx.w_dtype = sel, w_dec.dtype
-        return out.view_as(out)
+        return out.clone()
 
     @staticmethod
+    @once_differentiable  # W_dec's gradient depends on vals: a second derivative would need that term
     def backward(ctx, grad):
         (vals,) = ctx.saved_tensors
         g_w = scatter_rows(ctx.sel, vals, grad).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None

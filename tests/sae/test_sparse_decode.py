@@ -118,3 +118,36 @@ def test_model_sparse_and_dense_agree_in_loss_and_gradients(kind):
     assert set(gs) == set(gd)
     for name in gd:
         assert rel(gs[name], gd[name]) < TOL, name
+
+
+def test_kept_values_are_used_only_for_the_matrix_they_came_from():
+    torch.manual_seed(12)
+    z = torch.randn(6, 40)
+    sel = select_topk(z.detach(), 5)  # the step selects on a detached alias of z
+    assert sel.values_for(z) is sel.values
+    x_c, w, b = torch.randn(6, 3), torch.randn(40, 3), torch.randn(40)
+    other = torch.randn(6, 40)  # same shape, other values: read from it, not from the selection
+    assert torch.equal(gather_preacts(other, sel, x_c, w, b), other[sel.rows, sel.cols])
+    assert sel.values_for(z.clone()) is None
+    z.mul_(2.0)  # modified in place after the selection: its values are stale
+    assert sel.values_for(z) is None
+    assert torch.equal(gather_preacts(z, sel, x_c, w, b), z[sel.rows, sel.cols])
+    with torch.inference_mode():
+        zi = torch.randn(6, 40)
+        si = select_topk(zi, 5)
+        assert si.values_for(zi) is si.values
+
+
+def test_sparse_backward_refuses_a_second_derivative_and_its_output_may_be_modified_in_place():
+    sel = selections()[0]
+    torch.manual_seed(13)
+    w = torch.randn(40, 6, requires_grad=True)
+    vals = torch.rand(sel.cols.numel(), requires_grad=True)
+    out = decode_selected(sel, vals, w, "sparse")
+    (gw,) = torch.autograd.grad(out.pow(2).sum(), (w,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        gw.pow(2).sum().backward()  # W_dec's gradient depends on vals: not silently dropped
+    out2 = decode_selected(sel, vals, w, "sparse")
+    out2.add_(1.0)  # as embedding_bag's own output allows
+    out2.sum().backward()
+    assert w.grad is not None
