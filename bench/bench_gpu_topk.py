@@ -17,6 +17,10 @@ and the small, launch-bound step with and without a CUDA graph (bench/RESULTS.md
    captured once in a CUDA graph and replayed (fused capturable Adam, the GPU's fixed-shape AuxK); on a
    CPU the graph row says `n/a`. A graph replays what was captured: the lr and the step count are
    frozen at capture, which is fine for a throughput figure and is why the trainer does not use it yet.
+4. Selection alone, at both sizes, on pre-activations in the compute dtype: `torch.topk` over the row
+   against `sae.selection.strided_block_topk` at the width the CPU rule picks and at its neighbours
+   (exactness checked against torch.topk's values), ms per call. The trainer keeps `torch.topk` on CUDA
+   until this says otherwise.
 
 Every part that fails records its error in the JSON and the others still run.
 """
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae import SAEConfig, get  # noqa: E402
+from sae.selection import strided_block_topk, strided_width  # noqa: E402
 from settings import TrainingConfig  # noqa: E402
 from train.loop import Stepper, TrainState, make_optimizer, train_step  # noqa: E402
 from train.plan import plan_run  # noqa: E402
@@ -147,6 +152,26 @@ def sparsify(d: int, m: int, k: int, batch: int, device: torch.device, dtype: st
             "decoder": "triton" if triton_ok else "eager", "autocast_bf16": bf16}
 
 
+def selection(m: int, k: int, batch: int, device: torch.device, dtype: str, steps: int, warmup: int) -> dict:
+    """ms per call of torch.topk and of the strided selection on [batch, m] pre-activations."""
+    dt = torch.bfloat16 if dtype == "bfloat16" and bf16_autocast_available(device) else torch.float32
+    torch.manual_seed(0)
+    z = torch.randn(batch, m, device=device).to(dt)
+    ref = z.topk(k, dim=1).values
+    out: dict[str, Any] = {"dtype": str(dt).removeprefix("torch."),
+                           "topk_ms": 1e3 * timed(lambda: z.topk(k, dim=1, sorted=False), device, steps, warmup)}
+    rule = strided_width(m, k)
+    widths = sorted({w for w in ((rule // 2, rule, rule * 2) if rule else (2, 4, 8))
+                     if w > 1 and m % w == 0 and m // w >= k})
+    out["cpu_rule_width"] = rule
+    for w in widths:
+        values, _ = strided_block_topk(z, k, w)
+        exact = torch.equal(values.sort(dim=1, descending=True).values, ref)
+        ms = 1e3 * timed(lambda w=w: strided_block_topk(z, k, w), device, steps, warmup)
+        out[f"strided{w}"] = {"ms": ms, "exact": exact, "topk_over_strided": out["topk_ms"] / ms}
+    return out
+
+
 def guarded(name: str, fn: Any, *args: Any) -> dict:
     try:
         return fn(*args)
@@ -193,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                        "cuda_graph": guarded("small graph", ours_graph, *small)}
     if "step_s" in result["small"]["cuda_graph"]:
         result["small"]["graph_speedup"] = result["small"]["eager"]["step_s"] / result["small"]["cuda_graph"]["step_s"]
-    result["errors"] = [r["error"] for part in ("large", "small") for r in result[part].values()
+    result["selection"] = {
+        "large": guarded("selection large", selection, args.latents, args.k, args.batch, device, args.dtype,
+                         args.steps, args.warmup),
+        "small": guarded("selection small", selection, args.small_latents, args.small_k, args.small_batch, device,
+                         args.dtype, args.steps, args.warmup)}
+    result["errors"] = [r["error"] for part in ("large", "small", "selection") for r in result[part].values()
                         if isinstance(r, dict) and "error" in r]
     text = json.dumps(result, indent=2)
     print(text)

@@ -31,3 +31,8 @@ def test_gpu_topk_script_runs_on_cpu_and_reports_every_figure(tmp_path):
     assert "tokens_per_s" in large["sparsify"] or large["sparsify"]["skipped"].startswith("sparsify: not installed")
     assert r["small"]["eager"]["tokens_per_s"] > 0
     assert r["small"]["cuda_graph"] == {"skipped": "n/a on cpu (CUDA graphs)"}
+    for size in ("large", "small"):
+        sel = r["selection"][size]
+        assert sel["topk_ms"] > 0
+        strided = {k: v for k, v in sel.items() if k.startswith("strided")}
+        assert strided and all(v["exact"] and v["ms"] > 0 for v in strided.values())
