@@ -11,7 +11,6 @@ Selections are computed without gradient; the values that carry gradient come fr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -66,9 +65,7 @@ class Selection:
         order. Computed once per selection: the encoder's and the decoder's weight gradients both
         group the entries by latent (`sae.sparse_decode.scatter_rows`)."""
         sorted_cols, order = self.cols.sort()
-        # searchsorted rather than bincount + cumsum, whose CUDA kernel reads the largest index back to
-        # the host (a sync per step)
-        return order, torch.searchsorted(sorted_cols, torch.arange(self.n_latents, device=self.cols.device))
+        return order, _offsets_from_rows(sorted_cols, self.n_latents)
 
     def counts(self) -> Tensor:
         """[B] entries kept per row."""
@@ -81,14 +78,15 @@ def _version(t: Tensor) -> int:
 
 
 def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
-    """Start of each row's entries in the non-decreasing `rows` (searchsorted: no host sync on CUDA)."""
+    """Start of each row's entries in the non-decreasing `rows` (searchsorted rather than bincount +
+    cumsum, whose CUDA kernel reads the largest index back to the host: a sync per step)."""
     return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
 
 
-# Per-row top-k on the CPU through strided blocks (`strided_block_topk`) from this many columns up,
-# with blocks of STRIDED_WIDTH[M] entries (the best width measured by bench/bench_topk_select.py,
-# bench/RESULTS.md "Top-k selection"); torch.topk alone below it, on CUDA (a radix select that reads
-# the row once) and where M does not split into such blocks.
+# Per-row top-k on the CPU through strided blocks (`strided_block_topk`) from this many columns up, at
+# the width `strided_width` picks (the best one measured by bench/bench_topk_select.py, bench/RESULTS.md
+# "Top-k selection"); torch.topk below it, on CUDA (not measured there yet) and where M does not split
+# into such blocks.
 STRIDED_MIN_COLUMNS = 1024
 
 
@@ -256,5 +254,4 @@ def select_dead_topk_masked(z: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[S
     n_dead) gives."""
     masked = z.masked_fill(~dead_mask, float("-inf"))
     sel = select_topk(masked, min(k_aux, z.shape[1]))
-    # without the values: the live picks' are -inf here, and AuxK reads the true z there
-    return dataclasses.replace(sel, values=None, values_from=None), dead_mask[sel.cols]
+    return sel, dead_mask[sel.cols]  # its values are `masked`'s, so gather_preacts(z, ...) reads z
