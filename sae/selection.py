@@ -146,7 +146,7 @@ def strided_block_topk(z: Tensor, k: int, width: int) -> tuple[Tensor, Tensor]:
 def blocked_topk_indices(z: Tensor, k: int, blocks: int) -> Tensor:
     """The same selection in two stages: a top-k in each of `blocks` equal column blocks, then a top-k
     among those blocks * k candidates. Exact (every row's top-k lies among its blocks' top-k's); measured
-    as an alternative, see `row_topk_indices`. M must be a multiple of `blocks` with M / blocks >= k."""
+    as an alternative, see `row_topk`. M must be a multiple of `blocks` with M / blocks >= k."""
     b, m = z.shape
     width = m // blocks
     if width * blocks != m or width < k:
