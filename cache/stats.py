@@ -6,9 +6,10 @@ sums of the shards already on disk, reaches the same bits as an uninterrupted on
 
 A shard's sums are computed where its rows are: on the GPU (before the device-to-host copy) when the
 producer hands the writer CUDA tensors, on the CPU otherwise. Either way the values are widened
-exactly to float64, and every sum depends only on the shard's rows and the kind of device, never on
-the number of threads or on how the producer split its appends, so a shard rewritten after a crash
-on the same kind of device gets the same bits. The sums of squared norms and of norms are added up
+exactly (to float32 within a block of rows on the CPU, to float64 on a GPU), and every sum depends
+only on the shard's rows and the kind of device, never on the number of threads or on how the
+producer split its appends, so a shard rewritten after a crash on the same kind of device gets the
+same bits. The sums of squared norms and of norms are added up
 from the per-row values by numpy, whose order of addition is fixed.
 """
 
@@ -57,36 +58,47 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
     layers[i]: the pieces of layer i, row blocks [m_k, d] in order (sum m_k = n), in the stored dtype.
     The rows are taken in fixed blocks counted from the first row, whatever the pieces, so the result
     depends on the rows alone. Call it from a thread with one torch intra-op thread (the writer's
-    workers): reductions then never split across threads, and the order of additions is fixed."""
+    workers): reductions then never split across threads, and the order of additions is fixed.
+
+    Within a block the sums are float32 (each value widened exactly; a block is at most a few hundred
+    rows, so the rounding stays near 1e-7 of the values' magnitude); blocks and rows are added up in
+    float64. Widening every value to float64 first took 1.7x as long, the largest CPU cost of a
+    30-layer shard on two cores, for precision no reader needs (FORMAT.md 2 states the bound)."""
     step = _block_rows(d, torch.device("cpu"))
     sums = torch.zeros((len(layers), d), dtype=torch.float64)
     sq = torch.empty((len(layers), n), dtype=torch.float64)
     sq_np = sq.numpy()
-    scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float64)
-    scratch_np = scratch.numpy()
-    col = torch.empty(d, dtype=torch.float64)
+    scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float32)
+    col = torch.empty(d, dtype=torch.float32)
+    row_sq = np.empty(min(step, max(n, 1)), dtype=np.float32)
     # Few Python steps per block: the workers share the interpreter lock, and every step holds it.
     for i, pieces in enumerate(layers):
         whole = pieces[0] if len(pieces) == 1 else None
+        # float32 rows in one contiguous piece are read in place: a copy would give the same bits.
+        direct = whole is not None and whole.dtype == torch.float32 and whole.is_contiguous()
         k, pos = 0, 0  # current piece and the row within it
         for a in range(0, n, step):
             m = min(step, n - a)
-            block = scratch[:m]
-            if whole is not None:
-                block.copy_(whole[a:a + m])  # widening exactly
+            if direct:
+                assert whole is not None
+                block = whole[a:a + m]
             else:
-                filled = 0
-                while filled < m:  # gather rows [a, a + m) from the pieces, widening exactly
-                    take = min(m - filled, pieces[k].shape[0] - pos)
-                    scratch[filled:filled + take].copy_(pieces[k][pos:pos + take])
-                    filled, pos = filled + take, pos + take
-                    if pos == pieces[k].shape[0]:
-                        k, pos = k + 1, 0
+                block = scratch[:m]
+                if whole is not None:
+                    block.copy_(whole[a:a + m])  # widening exactly
+                else:
+                    filled = 0
+                    while filled < m:  # gather rows [a, a + m) from the pieces, widening exactly
+                        take = min(m - filled, pieces[k].shape[0] - pos)
+                        scratch[filled:filled + take].copy_(pieces[k][pos:pos + take])
+                        filled, pos = filled + take, pos + take
+                        if pos == pieces[k].shape[0]:
+                            k, pos = k + 1, 0
             sums[i] += torch.sum(block, dim=0, out=col)
             # numpy's einsum: one pass of fused multiply-adds per row, in a fixed order; torch's vecdot
-            # took 3x as long (a product tensor, then a reduction), the largest part of the statistics.
-            x = scratch_np[:m]
-            np.einsum("ij,ij->i", x, x, out=sq_np[i, a:a + m])
+            # took 3x as long (a product tensor, then a reduction).
+            x = block.numpy()
+            sq_np[i, a:a + m] = np.einsum("ij,ij->i", x, x, out=row_sq[:m])
     return sums, sq
 
 

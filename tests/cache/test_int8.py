@@ -108,13 +108,14 @@ def test_stored_codes_and_scales_are_the_formats_bit_for_bit(tmp_path, backend):
             assert np.array_equal(c.read("train", info.index, L).numpy(), decoded)
             got_q, got_s, got_c = c.read_encoded("train", info.index, L)
             assert np.array_equal(got_q.numpy(), q) and np.array_equal(got_s.numpy(), s)
-    # Statistics: of the decoded values (FORMAT.md 4.3), widened to float64.
+    # Statistics: of the decoded values (FORMAT.md 4.3), within FORMAT.md 2's bound of a float64 sum.
     for L in x:
         rows = np.concatenate([c.read("train", i, L).numpy() for i in range(len(c.shards("train")))]).astype(np.float64)
         st = c.stats("train", L)
-        np.testing.assert_allclose(st.mean, rows.mean(0), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(st.mean_sq_norm, (rows ** 2).sum(1).mean(), rtol=1e-12)
-        np.testing.assert_allclose(st.mean_norm, np.sqrt((rows ** 2).sum(1)).mean(), rtol=1e-12)
+        norms = np.sqrt((rows ** 2).sum(1))
+        assert np.abs(st.mean - rows.mean(0)).max() <= 1e-6 * norms.mean()
+        np.testing.assert_allclose(st.mean_sq_norm, (norms ** 2).mean(), rtol=1e-6)
+        np.testing.assert_allclose(st.mean_norm, norms.mean(), rtol=1e-6)
 
 
 def test_decoders_agree_with_the_rule_in_any_dtype():
@@ -322,7 +323,8 @@ def test_rows_from_a_device_are_encoded_there_to_the_same_codes(tmp_path, backen
     write_cache(tmp_path / "dev", backend, n_train=7, n_heldout=3, dtype="int8", async_write=True, workers=2)
     assert staged and all(staged), "the shards did not go through the device's encoding"
     a, b = cache.open(tmp_path / "host"), cache.open(tmp_path / "dev")
-    # Codes and scales bit for bit (the shards' float64 sums may differ in the last bits: another order).
+    # Codes and scales bit for bit; the sums are float64 on the device and float32 within blocks on the
+    # host, each within 1e-6 of the mean norm of an exact sum (FORMAT.md 2).
     for split in ("train", "heldout"):
         for i in range(len(a.shards(split))):
             for L in LAYERS:
@@ -330,8 +332,8 @@ def test_rows_from_a_device_are_encoded_there_to_the_same_codes(tmp_path, backen
                     assert torch.equal(x, y)
         for L in LAYERS:
             sa, sb = a.stats(split, L), b.stats(split, L)
-            np.testing.assert_allclose(sb.mean, sa.mean, rtol=1e-9, atol=1e-12)
-            np.testing.assert_allclose(sb.mean_norm, sa.mean_norm, rtol=1e-12)
+            assert np.abs(sb.mean - sa.mean).max() <= 2e-6 * sa.mean_norm
+            np.testing.assert_allclose(sb.mean_norm, sa.mean_norm, rtol=2e-6)
     assert cache.verify(tmp_path / "dev") == []
 
 

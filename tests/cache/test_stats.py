@@ -1,4 +1,5 @@
-"""Statistics are float64 over the stored (rounded) values and exact across a resume."""
+"""Statistics are float64 sums over the stored (rounded) values, within FORMAT.md's bound of an exact
+sum, and exact across a resume."""
 
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def test_bf16_stats_are_of_the_stored_values_not_the_input(tmp_path, backend):
     acts, _ = all_rows("train", 6)
     _, _, stored_norm = _reference(acts[5].to(torch.bfloat16))
     _, _, input_norm = _reference(acts[5])
-    assert abs(s.mean_norm - stored_norm) <= 1e-9 * stored_norm
-    # The rounding moves the mean norm far more than float64 error: the test can tell them apart.
+    # Block sums in float32 keep the statistics within ~1e-8 of float64 here (FORMAT.md 2 promises
+    # 1e-6 of the mean norm); the bf16 rounding moves the mean norm by more than 1e-6: the test can
+    # tell which values were summed.
+    assert abs(s.mean_norm - stored_norm) <= 1e-7 * stored_norm
     assert abs(input_norm - stored_norm) > 1e-6 * stored_norm
 
 
@@ -52,7 +55,7 @@ def test_norm_scale_is_sqrt_d_over_train_mean_norm(tmp_path, backend):
     for layer in LAYERS:
         rows = torch.cat([c.read("train", i, layer) for i in range(len(c.shards("train")))])
         mean_norm = float(np.linalg.norm(rows.double().numpy(), axis=1).mean())
-        assert math.isclose(c.norm_scale(layer), math.sqrt(c.d_model) / mean_norm, rel_tol=1e-9)
+        assert math.isclose(c.norm_scale(layer), math.sqrt(c.d_model) / mean_norm, rel_tol=1e-6)  # FORMAT.md 2
 
 
 def test_stats_after_resume_are_bitwise_equal_to_an_uninterrupted_write(tmp_path, backend):
@@ -88,3 +91,27 @@ def test_non_finite_values_are_refused_with_a_clear_error(tmp_path, backend):
         w.append("train", chunk=0, offset=0, acts=acts, token_ids=tok, sequence=tok, position=tok, document=tok)
     w.close()
     assert cache.open(tmp_path / "c", allow_incomplete=True).num_rows("train") == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [7, 384])
+def test_host_sums_depend_on_the_rows_alone_and_stay_within_the_formats_bound(dtype, d):
+    from cache.stats import combine, host_row_sums
+
+    g = torch.Generator().manual_seed(d)
+    n = 3000  # several blocks of rows, the last one partial
+    x = torch.randn(n, d, generator=g) * 3 + 1
+    x[:, 0] = 400 + torch.randn(n, generator=g)  # one massive dimension, as residual streams have
+    x = x.to(dtype)
+    cuts = [0, 1, 2, 513, 514, 1999, n]  # odd sizes: pieces start at any alignment
+    pieces = [x[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    one = combine(*(t.numpy() for t in host_row_sums([[x]], n, d)), [[x]])[0]
+    split = combine(*(t.numpy() for t in host_row_sums([pieces], n, d)), [pieces])[0]
+    assert one.sum.tobytes() == split.sum.tobytes()
+    assert (one.sumsq, one.sumnorm) == (split.sumsq, split.sumnorm)
+    ref = x.double().numpy()
+    norms = np.sqrt((ref ** 2).sum(axis=1))
+    bound = 1e-6 * norms.mean()  # FORMAT.md 2
+    assert np.abs(one.sum / n - ref.mean(axis=0)).max() <= bound
+    assert abs(one.sumnorm / n - norms.mean()) <= bound
+    assert abs(one.sumsq / n - (norms ** 2).mean()) <= 1e-6 * (norms ** 2).mean()

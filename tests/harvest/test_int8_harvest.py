@@ -103,5 +103,6 @@ def test_the_merge_of_int8_rank_caches(setup):
         for split in SPLITS:  # statistics re-added from the shards' sums: those of the decoded rows
             rows = torch.cat([c.read(split, i, 1) for i in range(len(c.shards(split)))]).to(torch.float64).numpy()
             st = c.stats(split, 1)
-            np.testing.assert_allclose(st.mean, rows.mean(0), rtol=1e-9, atol=1e-12)
-            np.testing.assert_allclose(st.mean_norm, np.linalg.norm(rows, axis=1).mean(), rtol=1e-9)
+            mean_norm = np.linalg.norm(rows, axis=1).mean()  # FORMAT.md 2: within 1e-6 of it
+            assert np.abs(st.mean - rows.mean(0)).max() <= 1e-6 * mean_norm
+            np.testing.assert_allclose(st.mean_norm, mean_norm, rtol=1e-6)
