@@ -32,7 +32,8 @@ def auxk_loss(
     """Scalar AuxK loss from a TopK-family forward output.
 
     out needs `pre_acts` [B, M] (with gradient on the dense path, without on the sparse one),
-    `sae_in` [B, d] (the centred encoder input), `target` and `sae_out` [B, d]. dead_mask [M] bool.
+    `sae_in` [B, d] (the centred encoder input; with `sae_in_centre` where the forward centred it
+    without the centre's graph), `target` and `sae_out` [B, d]. dead_mask [M] bool.
     sync_free: select with fixed shapes (`select_dead_topk_masked`); None = on every device but the CPU."""
     z = out["pre_acts"]
     if dead_mask is None:
@@ -45,7 +46,7 @@ def auxk_loss(
     if sync_free:
         # Fixed shapes only: a GPU step never waits on the host for the number of dead latents.
         sel, keep = select_dead_topk_masked(z.detach(), dead_mask, aux_k)
-        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc)) * keep
+        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc, out.get("sae_in_centre"))) * keep
         any_dead = dead_mask.any()
     else:
         # On a CPU a "sync" is free and the top-k over the dead columns only is much cheaper than a
@@ -54,7 +55,7 @@ def auxk_loss(
         if n_dead == 0:
             return z.new_zeros(())
         sel = select_dead_topk(z.detach(), dead_mask, min(aux_k, n_dead))
-        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc))
+        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc, out.get("sae_in_centre")))
         any_dead = torch.ones((), dtype=torch.bool, device=z.device)
     e_hat = decode_selected(sel, vals, w_dec, impl)
     e = (out["target"] - out["sae_out"]).detach()

@@ -8,7 +8,10 @@ Everything after the selection touches N = (kept entries) rows of the weights:
       d W_enc[m] = sum_{n: cols[n] = m} g[n] * x_c[rows[n]]       (an embedding_bag over the
                                                                    entries sorted by latent)
       d b_enc[m] = sum_{n: cols[n] = m} g[n]                      (index_add)
-  instead of two dense [B, M] x [M, d] GEMMs.
+  instead of two dense [B, M] x [M, d] GEMMs. When the input is data (x_c = x - b_dec, x without
+  gradient), d x_c is only ever summed over the batch into b_dec's gradient, which is
+      d b_dec    = -(d b_enc) @ W_enc                             (one [M] x [M, d] product)
+  so that [B, d] embedding_bag is skipped (`centre=`).
 - `decode_selected`: x_hat[b] = sum_{n in row b} vals[n] * W_dec[cols[n]] via `embedding_bag`
   (mode "sum", per_sample_weights); d vals are gather-dots (embedding_bag's own backward) and
       d W_dec[m] = sum_{n: cols[n] = m} vals[n] * g[rows[n]]       (`scatter_rows` again)
@@ -46,7 +49,7 @@ class _GatherPreacts(torch.autograd.Function):
     """z[rows, cols] with a sparse backward to (x_c, W_enc, b_enc); z itself gets no gradient."""
 
     @staticmethod
-    def forward(ctx, z, x_c, w_enc, b_enc, sel):  # noqa: D401
+    def forward(ctx, z, x_c, w_enc, b_enc, centre, sel):  # noqa: D401
         ctx.save_for_backward(x_c, w_enc)
         ctx.sel = sel  # not saved_tensors: its tensors carry no gradient, and it caches its sort
         kept = sel.values_for(z)
@@ -58,26 +61,36 @@ class _GatherPreacts(torch.autograd.Function):
         x_c, w_enc = ctx.saved_tensors
         sel = ctx.sel
         cols, offsets = sel.cols, sel.offsets
-        g_x = g_w = g_b = None
+        g_x = g_w = g_b = g_centre = None
         if ctx.needs_input_grad[1]:
             g_x = F.embedding_bag(cols, w_enc, offsets, mode="sum", per_sample_weights=grad.to(w_enc.dtype))
         if ctx.needs_input_grad[2]:
             g_w = scatter_rows(sel, grad, x_c).to(w_enc.dtype)
-        if ctx.needs_input_grad[3]:
-            g_b = torch.zeros(sel.n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return None, g_x, g_w, g_b, None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            # Summed in w_enc's dtype (float32 master weights under autocast): ~B*k/M terms a latent.
+            per_latent = torch.zeros(sel.n_latents, dtype=w_enc.dtype, device=grad.device)
+            per_latent.index_add_(0, cols, grad.to(w_enc.dtype))
+            g_b = per_latent if ctx.needs_input_grad[3] else None
+            if ctx.needs_input_grad[4]:
+                g_centre = -(per_latent @ w_enc)
+        return None, g_x, g_w, g_b, g_centre, None
 
 
-def gather_preacts(z: Tensor, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor) -> Tensor:
+def gather_preacts(z: Tensor, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor,
+                   centre: Tensor | None = None) -> Tensor:
     """The kept pre-activations [N] of z = x_c @ w_enc.T + b_enc (`sel.values` where the selection
     kept them from this very z, else read from z).
 
     z [B, M]: if it carries gradient (the dense path), this is plain indexing and autograd runs the
     dense backward; if not (the sparse path), gradient reaches x_c [B, d], w_enc [M, d] and b_enc [M]
-    through the sparse backward above."""
+    through the sparse backward above. centre [d]: x_c was computed as x - centre from an x without
+    gradient (x_c itself carries none); centre then gets its gradient without the [B, d] one of x_c."""
     if z.requires_grad:
         return z[sel.rows, sel.cols]
-    return _GatherPreacts.apply(z, x_c, w_enc, b_enc, sel)
+    if centre is not None and x_c.requires_grad:
+        raise ValueError("gather_preacts: pass centre only with an x_c that carries no gradient (x - centre, "
+                         "x data); an x_c with gradient already carries centre's")
+    return _GatherPreacts.apply(z, x_c, w_enc, b_enc, centre, sel)
 
 
 class _DecoderGrad(torch.autograd.Function):

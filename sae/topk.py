@@ -32,6 +32,7 @@ from sae.collective import GlobalBatch
 from sae.registry import register
 from sae.selection import Selection, select_topk
 from sae.sparse_decode import decode_selected, densify, gather_preacts
+from sae.squared_error import centred_sum_of_squares, squared_error_sum
 
 # decode_impl="auto": the sparse path from this many latents up, per device type. CPU: measured with
 # bench/bench_sae_decode.py (bench/RESULTS.md), sparse wins at every size tried, from 1024 latents
@@ -75,26 +76,35 @@ class TopKSAE(BaseSAE):
 
     def _recon_error(self, target: Tensor, recon: Tensor) -> Tensor:
         """The optimised reconstruction term: mean over tokens of ||target - recon||^2."""
-        return (target - recon).pow(2).sum(dim=-1).mean()
+        return squared_error_sum(target, recon) / target.shape[0]
 
     # ---- encode / forward ----------------------------------------------------------------
-    def encode_selection(self, xn: Tensor) -> tuple[Selection, Tensor, Tensor, Tensor]:
+    def encode_selection(self, xn: Tensor) -> tuple[Selection, Tensor, Tensor, Tensor, Tensor | None]:
         """Normalised x [B, d_in] -> (selection, kept values [N] after ReLU, pre-activations z
-        [B, d_sae], centred input x_c [B, d_in])."""
-        x_c = xn - self.b_dec
+        [B, d_sae], centred input x_c [B, d_in], centre). centre is b_dec where x_c = xn - b_dec
+        was computed without b_dec's graph (the sparse path on data, see `gather_preacts`), for
+        every later `gather_preacts` of this x_c to pass on; else None (x_c carries it)."""
+        centre = None
         if self.impl == "sparse" and torch.is_grad_enabled():
+            if not xn.requires_grad and self.b_dec.requires_grad:
+                centre, x_c = self.b_dec, xn - self.b_dec.detach()
+            else:
+                x_c = xn - self.b_dec
             with torch.no_grad():  # the kept entries re-enter autograd through gather_preacts
                 z = F.linear(x_c, self.W_enc, self.b_enc)
         else:
+            x_c = xn - self.b_dec
             z = F.linear(x_c, self.W_enc, self.b_enc)
         sel = self.select(z.detach())
-        vals = torch.relu(gather_preacts(z, sel, x_c, self.W_enc, self.b_enc))
-        return sel, vals, z, x_c
+        vals = torch.relu(gather_preacts(z, sel, x_c, self.W_enc, self.b_enc, centre))
+        return sel, vals, z, x_c, centre
 
     def _forward_normalised(self, xn: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
-        sel, vals, z, x_c = self.encode_selection(xn)
+        sel, vals, z, x_c, centre = self.encode_selection(xn)
         out = {"target": xn, **self._decode_out(sel, vals)}
         out.update(pre_acts=z, sae_in=x_c, sel_idx=sel.cols, sel_val=vals, sel_rows=sel.rows, sel_offsets=sel.offsets)
+        if centre is not None:
+            out["sae_in_centre"] = centre
         if dense_acts:
             out["feature_acts"] = densify(sel, vals)
         if type(self).select is TopKSAE.select:
@@ -119,7 +129,7 @@ class TopKSAE(BaseSAE):
         """Raw x [..., d_in] -> latents [..., d_sae]."""
         xn = self._prepare(x)
         lead = xn.shape[:-1]
-        sel, vals, _, _ = self.encode_selection(xn.reshape(-1, self.d_in))
+        sel, vals, *_ = self.encode_selection(xn.reshape(-1, self.d_in))
         return densify(sel, vals).reshape(*lead, self.d_sae)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -139,7 +149,9 @@ class TopKSAE(BaseSAE):
         """-> {`mse` (or `nmse` for routed SAEs), `auxk`, `total`, `fvu` (detached)}.
         l1_coefficient is ignored: sparsity is structural."""
         recon = self._recon_error(out["target"], out["sae_out"])
-        terms = {self.recon_name: recon, **self._log_terms(out)}
+        # Plain TopK's term is the batch's squared error over its token count: FVU's numerator, known.
+        err = recon.detach() * out["target"].shape[0] if self.recon_name == "mse" else None
+        terms = {self.recon_name: recon, **self._log_terms(out, err)}
         aux = self._auxk(out, dead_mask)
         terms.update(auxk=aux, total=recon + self.cfg.aux_k_coef * aux)
         return terms
@@ -148,10 +160,12 @@ class TopKSAE(BaseSAE):
         return auxk_loss(out, self.W_enc, self.b_enc, self.W_dec, dead_mask, default_aux_k(self.cfg), self.impl)
 
     @torch.no_grad()
-    def _log_terms(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _log_terms(self, out: dict[str, Tensor], err: Tensor | None = None) -> dict[str, Tensor]:
+        """FVU (and the MSE where the optimised term is another); err: sum ||target - sae_out||^2 if known."""
         target, recon = out["target"].detach(), out["sae_out"].detach()
-        err = (target - recon).pow(2).sum()
-        terms = {"fvu": err / (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)}
+        if err is None:
+            err = squared_error_sum(target, recon)
+        terms = {"fvu": err / centred_sum_of_squares(target).clamp_min(1e-12)}
         if self.recon_name != "mse":
             terms["mse"] = err / target.shape[0]
         return terms

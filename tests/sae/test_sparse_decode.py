@@ -84,6 +84,28 @@ def test_gather_preacts_sparse_backward_matches_autograd(kept_values):
         assert rel(gs, gd) < TOL
 
 
+def test_gather_preacts_centre_gets_the_gradient_x_c_would_have_passed_on():
+    torch.manual_seed(12)
+    x = torch.randn(12, 6)  # data: no gradient
+    centre = torch.randn(6, requires_grad=True)
+    w = torch.randn(40, 6, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    dense = torch.nn.functional.linear(x - centre, w, b)  # autograd's reference, x_c with its graph
+    with torch.no_grad():
+        x_c = x - centre
+        detached = torch.nn.functional.linear(x_c, w, b)
+    sel = select_topk(detached, 5)
+    g = torch.randn(sel.cols.numel())
+    v_dense = gather_preacts(dense, sel, x - centre, w, b)
+    v_sparse = gather_preacts(detached, sel, x_c, w, b, centre=centre)
+    assert torch.equal(v_dense, v_sparse)
+    for gd, gs in zip(torch.autograd.grad(v_dense, (centre, w, b), g), torch.autograd.grad(v_sparse, (centre, w, b), g),
+                      strict=True):
+        assert rel(gs, gd) < TOL
+    with pytest.raises(ValueError, match="centre"):
+        gather_preacts(detached, sel, (x - centre), w, b, centre=centre)
+
+
 FIVE = {
     "topk": {},
     "batchtopk": {},
