@@ -64,7 +64,9 @@ class Selection:
         """(order [N], starts [M]): the entries sorted by latent, and each latent's first position in that
         order. Computed once per selection: the encoder's and the decoder's weight gradients both
         group the entries by latent (`sae.sparse_decode.scatter_rows`)."""
-        sorted_cols, order = self.cols.sort()
+        # int32 keys sort in about half the time of int64 ones on the CPU (bench/RESULTS.md, "The TopK step").
+        keys = self.cols.to(torch.int32) if self.n_latents < 2**31 else self.cols
+        sorted_cols, order = keys.sort()
         return order, _offsets_from_rows(sorted_cols, self.n_latents)
 
     def counts(self) -> Tensor:
@@ -80,7 +82,7 @@ def _version(t: Tensor) -> int:
 def _offsets_from_rows(rows: Tensor, n_rows: int) -> Tensor:
     """Start of each row's entries in the non-decreasing `rows` (searchsorted rather than bincount +
     cumsum, whose CUDA kernel reads the largest index back to the host: a sync per step)."""
-    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device, dtype=rows.dtype))
 
 
 # Per-row top-k on the CPU through strided blocks (`strided_block_topk`) from this many columns up, at
@@ -135,11 +137,13 @@ def strided_block_topk(z: Tensor, k: int, width: int) -> tuple[Tensor, Tensor]:
     n_blocks = m // width
     if n_blocks * width != m or n_blocks < k:
         raise ValueError(f"strided top-k needs M={m} to split into blocks of {width} columns, at least k={k} of them")
-    block_max = z.reshape(b, width, n_blocks).amax(dim=1)  # [B, n_blocks]; a view when z is contiguous
-    blocks = block_max.topk(k, dim=1, sorted=False).indices  # [B, k]
-    cand = (blocks[:, :, None] + n_blocks * torch.arange(width, device=z.device)).view(b, k * width)
-    values, pick = z.gather(1, cand).topk(k, dim=1, sorted=False)
-    return values, cand.gather(1, pick)
+    z3 = z.reshape(b, width, n_blocks)  # z3[:, j, c] = z[:, j * n_blocks + c]; a view when z is contiguous
+    blocks = z3.amax(dim=1).topk(k, dim=1, sorted=False).indices  # [B, k]: the blocks with the largest maxima
+    # The chosen blocks' entries, [B, width, k], read through an expanded index (no [B, k * width]
+    # column index is built: that and a gather through it cost 3x as much).
+    cand = z3.gather(2, blocks[:, None, :].expand(b, width, k))
+    values, pick = cand.view(b, width * k).topk(k, dim=1, sorted=False)
+    return values, (pick // k) * n_blocks + blocks.gather(1, pick % k)
 
 
 @torch.no_grad()
