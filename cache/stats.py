@@ -24,7 +24,7 @@ import torch
 # blocks are large so that a shard costs a handful of kernel launches. (1 MB blocks were faster on one
 # thread but slower with two workers: each torch or numpy call gives up and retakes the interpreter
 # lock, and the workers then wait for each other.)
-_CPU_BLOCK_ELEMENTS = 1 << 18
+_CPU_BLOCK_ELEMENTS = 1 << 21
 _DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -60,24 +60,27 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
     depends on the rows alone. Call it from a thread with one torch intra-op thread (the writer's
     workers): reductions then never split across threads, and the order of additions is fixed.
 
-    Within a block the sums are float32 (each value widened exactly; a block is at most a few hundred
-    rows, so the rounding stays near 1e-7 of the values' magnitude); blocks and rows are added up in
-    float64. Widening every value to float64 first took 1.7x as long, the largest CPU cost of a
-    30-layer shard on two cores, for precision no reader needs (FORMAT.md 2 states the bound)."""
+    Within a block the sums are float32 (each value widened exactly; a block's column has at most a
+    few thousand rows, and torch sums them pairwise, so the rounding stays near 1e-7 of the values'
+    magnitude); the blocks' sums are added up in float64, and each row's squared norm is widened to
+    float64 before numpy adds them up (`combine`). Widening every value to float64 first took 1.2-2.4x
+    as long, the writer's largest CPU cost beside the disk, for precision no reader needs (FORMAT.md 2
+    states the bound)."""
     step = _block_rows(d, torch.device("cpu"))
-    sums = torch.zeros((len(layers), d), dtype=torch.float64)
-    sq = torch.empty((len(layers), n), dtype=torch.float64)
-    sq_np = sq.numpy()
+    n_blocks = -(-n // step)
+    block_sums = torch.empty((len(layers), max(n_blocks, 1), d), dtype=torch.float32)
+    sq32 = np.empty((len(layers), n), dtype=np.float32)
     scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float32)
-    col = torch.empty(d, dtype=torch.float32)
-    row_sq = np.empty(min(step, max(n, 1)), dtype=np.float32)
-    # Few Python steps per block: the workers share the interpreter lock, and every step holds it.
+    # Few calls per block: each torch or numpy call gives up the interpreter lock and must take it back,
+    # and beside a thread that runs Python (the producer, the committer) every retake can wait for the
+    # interpreter's switch interval. Blocks of 2^21 values cut those waits 7x against 2^18 (section
+    # "Cache writer" of bench/RESULTS.md), and the per-block results go into buffers summed at the end.
     for i, pieces in enumerate(layers):
         whole = pieces[0] if len(pieces) == 1 else None
         # float32 rows in one contiguous piece are read in place: a copy would give the same bits.
         direct = whole is not None and whole.dtype == torch.float32 and whole.is_contiguous()
         k, pos = 0, 0  # current piece and the row within it
-        for a in range(0, n, step):
+        for j, a in enumerate(range(0, n, step)):
             m = min(step, n - a)
             if direct:
                 assert whole is not None
@@ -94,12 +97,13 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
                         filled, pos = filled + take, pos + take
                         if pos == pieces[k].shape[0]:
                             k, pos = k + 1, 0
-            sums[i] += torch.sum(block, dim=0, out=col)
+            torch.sum(block, dim=0, out=block_sums[i, j])
             # numpy's einsum: one pass of fused multiply-adds per row, in a fixed order; torch's vecdot
             # took 3x as long (a product tensor, then a reduction).
             x = block.numpy()
-            sq_np[i, a:a + m] = np.einsum("ij,ij->i", x, x, out=row_sq[:m])
-    return sums, sq
+            np.einsum("ij,ij->i", x, x, out=sq32[i, a:a + m])
+    sums = block_sums[:, :n_blocks].to(torch.float64).sum(dim=1)
+    return sums, torch.from_numpy(sq32.astype(np.float64))
 
 
 def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,11 +99,11 @@ def test_host_sums_depend_on_the_rows_alone_and_stay_within_the_formats_bound(dt
     from cache.stats import combine, host_row_sums
 
     g = torch.Generator().manual_seed(d)
-    n = 3000  # several blocks of rows, the last one partial
+    n = 12000  # at width 384, blocks of 5461 rows: two and a partial one
     x = torch.randn(n, d, generator=g) * 3 + 1
     x[:, 0] = 400 + torch.randn(n, generator=g)  # one massive dimension, as residual streams have
     x = x.to(dtype)
-    cuts = [0, 1, 2, 513, 514, 1999, n]  # odd sizes: pieces start at any alignment
+    cuts = [0, 1, 2, 513, 514, 5461, 5999, n]  # odd sizes: pieces start at any alignment, cross blocks
     pieces = [x[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
     one = combine(*(t.numpy() for t in host_row_sums([[x]], n, d)), [[x]])[0]
     split = combine(*(t.numpy() for t in host_row_sums([pieces], n, d)), [pieces])[0]
