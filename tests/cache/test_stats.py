@@ -115,3 +115,20 @@ def test_host_sums_depend_on_the_rows_alone_and_stay_within_the_formats_bound(dt
     assert np.abs(one.sum / n - ref.mean(axis=0)).max() <= bound
     assert abs(one.sumnorm / n - norms.mean()) <= bound
     assert abs(one.sumsq / n - (norms ** 2).mean()) <= 1e-6 * (norms ** 2).mean()
+
+
+def test_values_whose_squares_pass_float32s_range_still_get_finite_statistics(tmp_path, backend):
+    # bfloat16 holds values up to ~3e38; squares above ~3e38 overflow float32 (the block sums' type)
+    # but not float64: such rows are finite and must be stored, with exact enough statistics.
+    rows = torch.full((5, 4), 1e20).to(torch.bfloat16)
+    rows[2, 1] = -3e25
+    w = cache.CacheWriter(tmp_path / "c", layers=[0], d_model=4, dtype="bfloat16", shard_rows=5, identity={"t": 1},
+                          metadata={}, backend=backend)
+    zeros = torch.zeros(5, dtype=torch.long)
+    w.append("train", chunk=0, offset=0, acts={0: rows}, token_ids=zeros, sequence=torch.arange(5), position=zeros,
+             document=zeros)
+    w.finish()
+    s = cache.open(tmp_path / "c").stats("train", 0)
+    mean, msq, mnorm = _reference(rows)
+    assert np.isfinite(msq) and abs(s.mean_sq_norm - msq) <= 1e-6 * msq
+    assert abs(s.mean_norm - mnorm) <= 1e-6 * mnorm and np.abs(s.mean - mean).max() <= 1e-6 * mnorm
