@@ -104,7 +104,8 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
             np.einsum("ij,ij->i", x, x, out=sq32[i, a:a + m])
     sums = block_sums[:, :n_blocks].to(torch.float64).sum(dim=1)
     sq = torch.from_numpy(sq32.astype(np.float64))
-    for i in np.flatnonzero(~(np.isfinite(sq32).all(axis=1) & torch.isfinite(sums).all(dim=1).numpy())):
+    finite = np.isfinite(sq32).all(axis=1) & torch.isfinite(sums).all(dim=1).numpy()
+    for i in (int(j) for j in np.flatnonzero(~finite)):
         # A square or a sum past float32's range (values above ~1e19), or values that are not finite:
         # this layer again in float64, where only non-finite values stay non-finite (`combine` names them).
         rows = torch.cat([p.to(torch.float64) for p in layers[i]]) if n else torch.zeros((0, d), dtype=torch.float64)

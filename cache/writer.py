@@ -245,7 +245,8 @@ class CacheWriter:
             if t.shape != (n,) or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
                 raise ValueError(f"{name} must be an integer tensor [{n}], got {t.dtype} {tuple(t.shape)}")
             info = torch.iinfo(dtype)
-            if n and (int(t.min()) < 0 or int(t.max()) > info.max):
+            lo, hi = torch.aminmax(t) if n else (0, 0)  # one pass (each torch call retakes the interpreter lock)
+            if int(lo) < 0 or int(hi) > info.max:
                 raise ValueError(f"{name} values must lie in [0, {info.max}] to be stored as {dtype}")
         return out
 
