@@ -60,16 +60,17 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
     depends on the rows alone. Call it from a thread with one torch intra-op thread (the writer's
     workers): reductions then never split across threads, and the order of additions is fixed.
 
-    Within a block the sums are float32 (each value widened exactly; a block's column has at most a
-    few thousand rows, and torch sums them pairwise, so the rounding stays near 1e-7 of the values'
-    magnitude); the blocks' sums are added up in float64, and each row's squared norm is widened to
-    float64 before numpy adds them up (`combine`). Widening every value to float64 first took 1.2-2.4x
-    as long, the writer's largest CPU cost beside the disk, for precision no reader needs (FORMAT.md 2
-    states the bound)."""
+    The column sums are float32 within a block (each value widened exactly; torch sums a block's
+    column pairwise, so the rounding stays near 1e-7 of the values' magnitude), the blocks' sums added
+    up in float64: widening every value to float64 first took 1.2-2.4x as long, the writer's largest
+    CPU cost beside the disk, for precision no reader needs (FORMAT.md 2 states the bound). Each row's
+    squared norm is accumulated in float64: a float32 one, added nearly in sequence by numpy's einsum,
+    was 5e-6 off for rows with a few massive entries (an LM's first token) at d = 4096, the same error
+    in every such row, and lost rows below ~1e-19 to underflow."""
     step = _block_rows(d, torch.device("cpu"))
     n_blocks = -(-n // step)
     block_sums = torch.empty((len(layers), max(n_blocks, 1), d), dtype=torch.float32)
-    sq32 = np.empty((len(layers), n), dtype=np.float32)
+    sq = np.empty((len(layers), n), dtype=np.float64)
     scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float32)
     # Few calls per block: each torch or numpy call gives up the interpreter lock and must take it back,
     # and beside a thread that runs Python (the producer, the committer) every retake can wait for the
@@ -98,20 +99,18 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
                         if pos == pieces[k].shape[0]:
                             k, pos = k + 1, 0
             torch.sum(block, dim=0, out=block_sums[i, j])
-            # numpy's einsum: one pass of fused multiply-adds per row, in a fixed order; torch's vecdot
-            # took 3x as long (a product tensor, then a reduction).
+            # numpy's einsum: one pass per row in a fixed order, widening to float64 in its own small
+            # buffers; torch's vecdot took 3x as long (a product tensor, then a reduction).
             x = block.numpy()
-            np.einsum("ij,ij->i", x, x, out=sq32[i, a:a + m])
+            np.einsum("ij,ij->i", x, x, dtype=np.float64, out=sq[i, a:a + m])
     sums = block_sums[:, :n_blocks].to(torch.float64).sum(dim=1)
-    sq = torch.from_numpy(sq32.astype(np.float64))
-    finite = np.isfinite(sq32).all(axis=1) & torch.isfinite(sums).all(dim=1).numpy()
-    for i in (int(j) for j in np.flatnonzero(~finite)):
-        # A square or a sum past float32's range (values above ~1e19), or values that are not finite:
-        # this layer again in float64, where only non-finite values stay non-finite (`combine` names them).
+    for i in (int(j) for j in np.flatnonzero(~torch.isfinite(sums).all(dim=1).numpy())):
+        # A column sum past float32's range (values above ~1e34, which bfloat16 can hold), or values that
+        # are not finite: this layer's sums again in float64, where only non-finite values stay
+        # non-finite (`combine` names them).
         rows = torch.cat([p.to(torch.float64) for p in layers[i]]) if n else torch.zeros((0, d), dtype=torch.float64)
         sums[i] = rows.sum(dim=0)
-        sq[i] = torch.linalg.vecdot(rows, rows)
-    return sums, sq
+    return sums, torch.from_numpy(sq)
 
 
 def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

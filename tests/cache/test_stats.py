@@ -118,10 +118,12 @@ def test_host_sums_depend_on_the_rows_alone_and_stay_within_the_formats_bound(dt
 
 
 def test_values_whose_squares_pass_float32s_range_still_get_finite_statistics(tmp_path, backend):
-    # bfloat16 holds values up to ~3e38; squares above ~3e38 overflow float32 (the block sums' type)
-    # but not float64: such rows are finite and must be stored, with exact enough statistics.
+    # bfloat16 holds values up to ~3e38: squares past ~3e38 and column sums past ~3.4e38 overflow
+    # float32 (the block sums' type) but not float64: such rows are finite and must be stored, with
+    # exact enough statistics.
     rows = torch.full((5, 4), 1e20).to(torch.bfloat16)
     rows[2, 1] = -3e25
+    rows[:, 3] = 3e38  # five of them: a float32 column sum is inf
     w = cache.CacheWriter(tmp_path / "c", layers=[0], d_model=4, dtype="bfloat16", shard_rows=5, identity={"t": 1},
                           metadata={}, backend=backend)
     zeros = torch.zeros(5, dtype=torch.long)
@@ -132,3 +134,26 @@ def test_values_whose_squares_pass_float32s_range_still_get_finite_statistics(tm
     mean, msq, mnorm = _reference(rows)
     assert np.isfinite(msq) and abs(s.mean_sq_norm - msq) <= 1e-6 * msq
     assert abs(s.mean_norm - mnorm) <= 1e-6 * mnorm and np.abs(s.mean - mean).max() <= 1e-6 * mnorm
+
+
+@pytest.mark.parametrize("case", ["massive first token", "tiny values"])
+def test_row_norms_keep_the_contract_for_massive_and_for_tiny_activations(case):
+    from cache.stats import combine, host_row_sums
+
+    # An LM's first token carries a few entries thousands of times the others, and every sequence
+    # repeats it: a float32 sum of its squares in sequence was 5e-6 off at d = 4096, in every such row.
+    # Rows below ~1e-19 square to float32 subnormals or zero.
+    g = torch.Generator().manual_seed(5)
+    d, n = 4096, 1024
+    x = torch.randn(n, d, generator=g)
+    if case == "massive first token":
+        bos = torch.randn(d, generator=g)
+        bos[7], bos[100] = 3000.0, -800.0
+        x[::128] = bos
+    else:
+        x = x * 3e-24
+    x = x.to(torch.bfloat16)
+    s = combine(*(t.numpy() for t in host_row_sums([[x]], n, d)), [[x]])[0]
+    sq = (x.double().numpy() ** 2).sum(axis=1)
+    assert abs(s.sumsq / n - sq.mean()) <= 1e-6 * sq.mean()
+    assert abs(s.sumnorm / n - np.sqrt(sq).mean()) <= 1e-6 * np.sqrt(sq).mean()

@@ -47,3 +47,15 @@ def test_centred_sum_of_squares_is_the_fvu_denominator():
     x = torch.randn(100, 7, dtype=torch.float64) * 3 + 5
     ref = sum(float(((row - x.mean(0)) ** 2).sum()) for row in x)
     assert float(centred_sum_of_squares(x)) == pytest.approx(ref, rel=1e-12)
+
+
+def test_float32_sums_of_a_large_batch_stay_near_float64():
+    # 4096 x 768 float32 entries: a sum that adds nearly in sequence is off by ~1e-4 here (the CPU's
+    # vector_norm was), a pairwise one by ~1e-7; logged losses and FVU must be the latter.
+    g = torch.Generator().manual_seed(3)
+    t, r = torch.randn(4096, 768, generator=g), torch.randn(4096, 768, generator=g)
+    ref = float(((t.double() - r.double()) ** 2).sum())
+    assert float(squared_error_sum(t, r)) == pytest.approx(ref, rel=1e-6)
+    x = t * 2 + 3
+    ref_c = float(((x.double() - x.double().mean(0)) ** 2).sum())
+    assert float(centred_sum_of_squares(x)) == pytest.approx(ref_c, rel=1e-6)
