@@ -67,12 +67,14 @@ class _GatherPreacts(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_w = scatter_rows(sel, grad, x_c).to(w_enc.dtype)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            # Summed in w_enc's dtype (float32 master weights under autocast): ~B*k/M terms a latent.
-            per_latent = torch.zeros(sel.n_latents, dtype=w_enc.dtype, device=grad.device)
-            per_latent.index_add_(0, cols, grad.to(w_enc.dtype))
+            # Summed in float32 at least (~B*k/M terms a latent; a bf16 sum of them lost a third of b_dec's
+            # gradient in a model cast wholly to bf16); autograd casts to each parameter's dtype.
+            acc = torch.promote_types(w_enc.dtype, torch.float32)
+            per_latent = torch.zeros(sel.n_latents, dtype=acc, device=grad.device)
+            per_latent.index_add_(0, cols, grad.to(acc))
             g_b = per_latent if ctx.needs_input_grad[3] else None
             if ctx.needs_input_grad[4]:
-                g_centre = -(per_latent @ w_enc)
+                g_centre = -(per_latent @ w_enc.to(acc))
         return None, g_x, g_w, g_b, g_centre, None
 
 
