@@ -25,6 +25,10 @@ import torch
 # thread but slower with two workers: each torch or numpy call gives up and retakes the interpreter
 # lock, and the workers then wait for each other.)
 _CPU_BLOCK_ELEMENTS = 1 << 21
+# Columns per float32 partial sum of a row's squares (`_row_squares`); rows of squared norm below
+# _TINY_SQUARES are summed in float64 instead, where float32 products may have underflowed.
+_SQUARES_CHUNK = 128
+_TINY_SQUARES = 1e-30
 _DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -64,9 +68,7 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
     column pairwise, so the rounding stays near 1e-7 of the values' magnitude), the blocks' sums added
     up in float64: widening every value to float64 first took 1.2-2.4x as long, the writer's largest
     CPU cost beside the disk, for precision no reader needs (FORMAT.md 2 states the bound). Each row's
-    squared norm is accumulated in float64: a float32 one, added nearly in sequence by numpy's einsum,
-    was 5e-6 off for rows with a few massive entries (an LM's first token) at d = 4096, the same error
-    in every such row, and lost rows below ~1e-19 to underflow."""
+    squared norm: see `_row_squares`."""
     step = _block_rows(d, torch.device("cpu"))
     n_blocks = -(-n // step)
     block_sums = torch.empty((len(layers), max(n_blocks, 1), d), dtype=torch.float32)
@@ -99,10 +101,7 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
                         if pos == pieces[k].shape[0]:
                             k, pos = k + 1, 0
             torch.sum(block, dim=0, out=block_sums[i, j])
-            # numpy's einsum: one pass per row in a fixed order, widening to float64 in its own small
-            # buffers; torch's vecdot took 3x as long (a product tensor, then a reduction).
-            x = block.numpy()
-            np.einsum("ij,ij->i", x, x, dtype=np.float64, out=sq[i, a:a + m])
+            _row_squares(block.numpy(), sq[i, a:a + m])
     sums = block_sums[:, :n_blocks].to(torch.float64).sum(dim=1)
     for i in (int(j) for j in np.flatnonzero(~torch.isfinite(sums).all(dim=1).numpy())):
         # A column sum past float32's range (values above ~1e34, which bfloat16 can hold), or values that
@@ -111,6 +110,31 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
         rows = torch.cat([p.to(torch.float64) for p in layers[i]]) if n else torch.zeros((0, d), dtype=torch.float64)
         sums[i] = rows.sum(dim=0)
     return sums, torch.from_numpy(sq)
+
+
+def _row_squares(x: np.ndarray, out: np.ndarray) -> None:
+    """out [m] float64 = each row's sum of squares of x [m, d] float32.
+
+    numpy's einsum makes one pass of fused multiply-adds per row in a fixed order, but one float32 sum
+    over a whole row adds nearly in sequence: rows with a few massive entries (an LM's first token)
+    came out 5e-6 off at d = 4096, the same error in every such row. Float32 sums of 128 columns
+    added up in float64 stay within ~3e-7 at 1.0-1.2x the cost, where float64 throughout cost 4x
+    (bench/RESULTS.md, "Cache writer"). Rows whose squares may have underflowed float32 (values
+    below ~1e-19) or overflowed it (above ~1e19) are summed again in float64."""
+    m, d = x.shape
+    head = d - d % _SQUARES_CHUNK
+    if head:
+        part = x[:, :head].reshape(m, head // _SQUARES_CHUNK, _SQUARES_CHUNK)  # a view
+        np.add.reduce(np.einsum("ijk,ijk->ij", part, part), axis=1, dtype=np.float64, out=out)
+    else:
+        out[:] = 0.0
+    if head < d:
+        tail = x[:, head:]
+        out += np.einsum("ij,ij->i", tail, tail)
+    redo = np.flatnonzero(~(out >= _TINY_SQUARES) | np.isinf(out))  # NaN too: float64 keeps only real ones
+    if redo.size:
+        rows = x[redo].astype(np.float64)
+        out[redo] = np.einsum("ij,ij->i", rows, rows)
 
 
 def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
