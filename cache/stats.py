@@ -1,4 +1,5 @@
-"""Per-layer statistics in float64 over the stored values, exact across resumes.
+"""Per-layer float64 statistics of the stored values, within FORMAT.md 2's precision contract, and
+bit-identical across resumes.
 
 Each shard stores its own sums (sum of rows, sum of squared norms, sum of norms). Split totals are
 always the sum of those per-shard sums taken in shard order, so a resumed write, which re-reads the
@@ -9,8 +10,8 @@ producer hands the writer CUDA tensors, on the CPU otherwise. Either way the val
 exactly (to float32 within a block of rows on the CPU, to float64 on a GPU), and every sum depends
 only on the shard's rows and the kind of device, never on the number of threads or on how the
 producer split its appends, so a shard rewritten after a crash on the same kind of device gets the
-same bits. The sums of squared norms and of norms are added up
-from the per-row values by numpy, whose order of addition is fixed.
+same bits. The sums of squared norms and of norms are added up from the per-row values by numpy,
+whose order of addition is fixed.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# float64 elements converted at a time: on CPU a block stays in the core's cache (2 MB); on a GPU the
-# blocks are large so that a shard costs a handful of kernel launches. (1 MB blocks were faster on one
-# thread but slower with two workers: each torch or numpy call gives up and retakes the interpreter
-# lock, and the workers then wait for each other.)
+# Values per block of rows. CPU: each torch or numpy call gives up the interpreter lock and must take it
+# back, and beside a thread that runs Python (the producer, the committer) every retake can wait for the
+# interpreter's switch interval, so blocks are large (2^21 cut those waits 7x against 2^18, bench/RESULTS.md
+# "Cache writer", run 6) though they no longer stay in a core's cache. GPU: a handful of kernel launches.
 _CPU_BLOCK_ELEMENTS = 1 << 21
 # Columns per float32 partial sum of a row's squares (`_row_squares`); rows of squared norm below
 # _TINY_SQUARES are summed in float64 instead, where float32 products may have underflowed.
@@ -74,10 +75,7 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
     block_sums = torch.empty((len(layers), max(n_blocks, 1), d), dtype=torch.float32)
     sq = np.empty((len(layers), n), dtype=np.float64)
     scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float32)
-    # Few calls per block: each torch or numpy call gives up the interpreter lock and must take it back,
-    # and beside a thread that runs Python (the producer, the committer) every retake can wait for the
-    # interpreter's switch interval. Blocks of 2^21 values cut those waits 7x against 2^18 (section
-    # "Cache writer" of bench/RESULTS.md), and the per-block results go into buffers summed at the end.
+    # Few calls per block (see _CPU_BLOCK_ELEMENTS): per-block results go into buffers summed at the end.
     for i, pieces in enumerate(layers):
         whole = pieces[0] if len(pieces) == 1 else None
         # float32 rows in one contiguous piece are read in place: a copy would give the same bits.
