@@ -93,8 +93,8 @@ class MatryoshkaSAE(BatchTopKSAE):
                 terms[f"mse_prefix_{i}"] = (target - prefix[:, i]).detach().pow(2).sum(-1).mean()
         recon = sum(terms[f"{name}_prefix_{i}"] for i in range(self.n_groups))
         terms[name] = terms[f"{name}_prefix_{self.n_groups - 1}"]
-        # The last prefix is the whole reconstruction: its MSE times the tokens is FVU's numerator.
-        terms.update(self._log_terms(out, terms[name].detach() * target.shape[0] if name == "mse" else None))
+        # The last prefix is the whole reconstruction: its MSE is the one FVU needs.
+        terms.update(self._log_terms(out, terms[name] if name == "mse" else None))
         aux = self._auxk(out, dead_mask)
         terms.update(auxk=aux, total=recon + self.cfg.aux_k_coef * aux)
         return terms

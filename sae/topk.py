@@ -149,9 +149,7 @@ class TopKSAE(BaseSAE):
         """-> {`mse` (or `nmse` for routed SAEs), `auxk`, `total`, `fvu` (detached)}.
         l1_coefficient is ignored: sparsity is structural."""
         recon = self._recon_error(out["target"], out["sae_out"])
-        # Plain TopK's term is the batch's squared error over its token count: FVU's numerator, known.
-        err = recon.detach() * out["target"].shape[0] if self.recon_name == "mse" else None
-        terms = {self.recon_name: recon, **self._log_terms(out, err)}
+        terms = {self.recon_name: recon, **self._log_terms(out, recon if self.recon_name == "mse" else None)}
         aux = self._auxk(out, dead_mask)
         terms.update(auxk=aux, total=recon + self.cfg.aux_k_coef * aux)
         return terms
@@ -160,11 +158,11 @@ class TopKSAE(BaseSAE):
         return auxk_loss(out, self.W_enc, self.b_enc, self.W_dec, dead_mask, default_aux_k(self.cfg), self.impl)
 
     @torch.no_grad()
-    def _log_terms(self, out: dict[str, Tensor], err: Tensor | None = None) -> dict[str, Tensor]:
-        """FVU (and the MSE where the optimised term is another); err: sum ||target - sae_out||^2 if known."""
+    def _log_terms(self, out: dict[str, Tensor], mse: Tensor | None = None) -> dict[str, Tensor]:
+        """FVU (and the MSE where the optimised term is another); mse: the batch's mean over tokens of
+        ||target - sae_out||^2 where the loss computed it already (times the tokens, FVU's numerator)."""
         target, recon = out["target"].detach(), out["sae_out"].detach()
-        if err is None:
-            err = squared_error_sum(target, recon)
+        err = squared_error_sum(target, recon) if mse is None else mse.detach() * target.shape[0]
         terms = {"fvu": err / centred_sum_of_squares(target).clamp_min(1e-12)}
         if self.recon_name != "mse":
             terms["mse"] = err / target.shape[0]
