@@ -14,7 +14,8 @@ the data; no latent is dead, so AuxK does not run). Times: median wall time of t
 Phases come from one profiled pass over `--profile-steps` steps (torch.profiler, CPU activities), by
 the top-level events of the training thread in time order: everything before the first autograd event
 is the forward and loss, split into the encoder GEMM (aten::linear/addmm/mm), the top-k selection
-(aten::topk and the selection's own ops, the strided selection's block maxima and gathers included)
+(aten::topk and the selection's own ops, the strided selection's block maxima and gathers and the C
+kernel of sae.native included)
 and the rest; autograd events are the backward; what follows
 up to the optimiser is gradient surgery and clipping; `Optimizer.step` is Adam; what follows it is
 renormalisation and bookkeeping. Shares are of the profiled step (the profiler's own overhead is in
@@ -42,10 +43,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 GEMM_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
-# the selection's ops; amax and gather are the strided top-k's (sae.selection.strided_block_topk): before
-# the backward nothing else in a TopK forward calls them
+# the selection's ops; amax and gather are the strided top-k's (sae.selection.strided_block_topk), and
+# sae::row_topk the C kernel's (sae.native.row_topk): before the backward nothing else in a TopK forward
+# calls them
 SELECT_OPS = {"aten::topk", "aten::repeat_interleave", "aten::arange", "aten::sort", "aten::bincount",
-              "aten::amax", "aten::gather"}
+              "aten::amax", "aten::gather", "sae::row_topk"}
 
 
 def phase_split(events: list, n_steps: int) -> dict[str, float]:

@@ -1,0 +1,63 @@
+"""CPU kernels in plain C for the few steps torch's CPU operators do slowly, built on first use.
+
+Only `row_topk` for now (`row_topk.c`: why it beats torch.topk). The library is compiled by the host's
+C compiler into a per-user cache the first time a process needs it (about a second) and loaded with
+ctypes: no torch headers, no build step at install time. Where there is no compiler, or the build or
+the load fails, or SAECACHE_NATIVE=0, every caller gets None and keeps its torch path: the kernels
+change speed, never which values are kept (the selection is exact either way, tests/sae/test_native.py
+checks it against torch.topk; among entries tied at the cut, the two paths may keep different ones).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+from torch import Tensor
+from torch.profiler import record_function
+
+from sae.native.build import library
+
+__all__ = ["library", "row_topk"]
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def block_width(m: int, k: int) -> int:
+    """Columns per strided block for rows of m columns: about sqrt(m / k), which balances the search
+    over the m / width block maxima against the scan of the k chosen blocks, and at least k blocks."""
+    # capped at 16: wider blocks measured slower at 65,536 columns (bench/RESULTS.md "Top-k selection")
+    width = min(16, 1 << max(0, round(math.log2(math.sqrt(max(m / k, 1.0))))))
+    while width > 1 and m // width < k:
+        width //= 2
+    return width
+
+
+def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """(values [B, k] in z's dtype, column indices [B, k] int64) of a top-k of each row of z [B, M] on
+    the CPU, in no order within a row; None where the kernel does not apply (not a float32 or bfloat16
+    CPU matrix, no library, a NaN in z: torch.topk ranks NaN first, and the caller's torch path keeps
+    that rule)."""
+    lib = library()
+    if lib is None or z.device.type != "cpu" or z.dtype not in _DTYPES or z.dim() != 2:
+        return None
+    b, m = z.shape
+    if not 0 < k <= m or m >= 2**31:
+        return None
+    if z.stride(1) != 1 or z.requires_grad:
+        z = z.detach().contiguous()
+    values = torch.empty((b, k), dtype=z.dtype)
+    indices = torch.empty((b, k), dtype=torch.int64)
+    if b == 0:
+        return values, indices
+    # a thread costs tens of microseconds to start: not worth it for a small matrix
+    threads = torch.get_num_threads() if b * m >= 1 << 18 else 1
+    with record_function("sae::row_topk"):  # a name for the profiler, which sees no aten op here
+        status = lib.sae_row_topk(
+            ctypes.c_void_p(z.data_ptr()), _DTYPES[z.dtype], b, m, z.stride(0), k, block_width(m, k),
+            ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(indices.data_ptr()), threads,
+        )
+    if status == -1:
+        raise MemoryError("sae.native.row_topk: the kernel could not allocate its buffers")
+    return (values, indices) if status == 0 else None
