@@ -15,7 +15,8 @@ Everything after the selection touches N = (kept entries) rows of the weights:
 - `decode_selected`: x_hat[b] = sum_{n in row b} vals[n] * W_dec[cols[n]] via `embedding_bag`
   (mode "sum", per_sample_weights); d vals are gather-dots (embedding_bag's own backward) and
       d W_dec[m] = sum_{n: cols[n] = m} vals[n] * g[rows[n]]       (`scatter_rows` again)
-  touches only the selected rows. `impl="dense"` scatters into [B, M] and uses a GEMM instead;
+  touches only the selected rows. On the CPU, where the C kernels of `sae.native` build, d vals comes
+  from `native.gather_dot` instead (`_NativeDecode`). `impl="dense"` scatters into [B, M] and uses a GEMM instead;
   both give the same values and gradients (tests/sae/test_sparse_decode.py).
 Both weight gradients group the entries by latent with one sort per selection (`Selection.by_latent`).
 Bias terms (b_dec) are added by the caller.
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from sae import native
 from sae.selection import Selection
 
 IMPLS = ("sparse", "dense")
@@ -123,8 +125,41 @@ def densify(sel: Selection, vals: Tensor) -> Tensor:
     return out.index_put((sel.rows, sel.cols), vals)
 
 
+class _NativeDecode(torch.autograd.Function):
+    """The sparse decode with its whole backward written here: d vals by `sae.native.gather_dot` (a
+    dot product per kept entry, 2.2x embedding_bag's per-sample-weights backward on the CPU) and
+    d W_dec by `scatter_rows`. Used on the CPU where the C kernels build, in float32."""
+
+    @staticmethod
+    def forward(ctx, vals, w_dec, sel):  # noqa: D401
+        ctx.save_for_backward(vals, w_dec)
+        ctx.sel = sel
+        return F.embedding_bag(sel.cols, w_dec, sel.offsets, mode="sum", per_sample_weights=vals)
+
+    @staticmethod
+    @once_differentiable  # W_dec's gradient depends on vals and vals' on W_dec: no second derivative here
+    def backward(ctx, grad):
+        vals, w_dec = ctx.saved_tensors
+        sel = ctx.sel
+        g_vals = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_vals = native.gather_dot(grad, w_dec, sel.cols, sel.offsets)
+            if g_vals is None:  # a gradient of another dtype: the definition, one [N, d] product
+                g_vals = (grad[sel.rows] * w_dec[sel.cols]).sum(dim=1)
+        if ctx.needs_input_grad[1]:
+            g_w = scatter_rows(sel, vals, grad).to(w_dec.dtype)
+        return g_vals, g_w, None
+
+
+def _native_decode_applies(vals: Tensor, w_dec: Tensor) -> bool:
+    return (w_dec.device.type == "cpu" and w_dec.dtype == torch.float32 and vals.device.type == "cpu"
+            and native.library() is not None)
+
+
 def decode_selected(sel: Selection, vals: Tensor, w_dec: Tensor, impl: str = "sparse") -> Tensor:
     """sum_n vals[n] * w_dec[cols[n]] per row, without bias: vals [N], w_dec [M, d] -> [B, d]."""
+    if impl == "sparse" and torch.is_grad_enabled() and _native_decode_applies(vals, w_dec):
+        return _NativeDecode.apply(vals.to(w_dec.dtype), w_dec, sel)
     if impl == "sparse":
         out = F.embedding_bag(sel.cols, w_dec.detach(), sel.offsets, mode="sum",
                               per_sample_weights=vals.to(w_dec.dtype))

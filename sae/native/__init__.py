@@ -1,6 +1,7 @@
 """CPU kernels in plain C for the few steps torch's CPU operators do slowly, built on first use.
 
-Only `row_topk` for now (`row_topk.c`: why it beats torch.topk). The library is compiled by the host's
+`row_topk` (`row_topk.c`: why it beats torch.topk) and `gather_dot`, the sparse decode's gradient to
+its kept values (`sparse_decode.c`). The library is compiled by the host's
 C compiler into a per-user cache the first time a process needs it (about a second) and loaded with
 ctypes: no torch headers, no build step at install time. Where there is no compiler, or the build or
 the load fails, or SAECACHE_NATIVE=0, every caller gets None and keeps its torch path: the kernels
@@ -19,7 +20,7 @@ from torch.profiler import record_function
 
 from sae.native.build import library
 
-__all__ = ["library", "row_topk"]
+__all__ = ["block_width", "gather_dot", "library", "row_topk"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -61,3 +62,33 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     if status == -1:
         raise MemoryError("sae.native.row_topk: the kernel could not allocate its buffers")
     return (values, indices) if status == 0 else None
+
+
+def gather_dot(grad: Tensor, w: Tensor, cols: Tensor, offsets: Tensor) -> Tensor | None:
+    """[N] float32: grad[b] . w[cols[e]] for each entry e of row b, rows as a `Selection` lays them out
+    (row b owns cols[offsets[b]:offsets[b + 1]], the last row to N). grad [B, d], w [M, d] float32 CPU;
+    None where the kernel does not apply (another dtype or device, no library). Raises ValueError on
+    offsets or columns out of range (the kernel checks them: it reads w through them)."""
+    lib = library()
+    if lib is None or grad.device.type != "cpu" or grad.dtype != torch.float32 or w.dtype != torch.float32:
+        return None
+    if grad.dim() != 2 or w.dim() != 2 or grad.shape[1] != w.shape[1] or w.device.type != "cpu":
+        return None
+    grad, w = grad.contiguous(), w.detach().contiguous()
+    cols, offsets = cols.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
+    if offsets.shape != (grad.shape[0],):
+        raise ValueError(f"gather_dot: offsets must have one entry per row of grad ({grad.shape[0]}), "
+                         f"got shape {tuple(offsets.shape)}")
+    out = torch.empty(cols.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads() if cols.shape[0] * w.shape[1] >= 1 << 18 else 1
+    with record_function("sae::gather_dot"):
+        status = lib.sae_gather_dot(
+            ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(cols.data_ptr()),
+            ctypes.c_void_p(offsets.data_ptr()), grad.shape[0], cols.shape[0], w.shape[0], w.shape[1],
+            ctypes.c_void_p(out.data_ptr()), threads,
+        )
+    if status == -3:
+        raise ValueError("gather_dot: offsets must be non-decreasing and within [0, N]")
+    if status == -4:
+        raise ValueError(f"gather_dot: a column index is outside [0, {w.shape[0]})")
+    return out

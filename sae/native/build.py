@@ -22,8 +22,13 @@ import time
 import warnings
 from pathlib import Path
 
-SOURCES = (Path(__file__).with_name("row_topk.c"),)
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+_HERE = Path(__file__).parent
+SOURCES = tuple(_HERE / name for name in ("parallel.c", "row_topk.c", "sparse_decode.c"))
+HEADERS = (_HERE / "parallel.h",)
+# -fopenmp-simd: the dot products' `omp simd reduction` vectorises without -ffast-math's licence elsewhere
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
+# tried first: the kernels then share torch's OpenMP threads (parallel.c says why)
+OPENMP = "-fopenmp"
 DISABLE_ENV = "SAECACHE_NATIVE"
 DIR_ENV = "SAECACHE_NATIVE_DIR"
 
@@ -58,10 +63,10 @@ def _cpu_features() -> str:
 
 def _key(cc: list[str]) -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in (*SOURCES, *HEADERS):
         h.update(src.read_bytes())
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    for part in (version, " ".join(FLAGS), _cpu_features(), platform.machine()):
+    for part in (version, " ".join((*FLAGS, OPENMP)), _cpu_features(), platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -81,7 +86,11 @@ def build(out_dir: Path | None = None, force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *FLAGS, OPENMP, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:  # no OpenMP runtime to link: threads of its own (parallel.c)
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
+                                  timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache directory out
@@ -110,6 +119,8 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sae_row_topk.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
     lib.sae_row_topk.restype = ctypes.c_int
+    lib.sae_gather_dot.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    lib.sae_gather_dot.restype = ctypes.c_int
     return lib
 
 

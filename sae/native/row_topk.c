@@ -17,7 +17,8 @@
    caller falls back to torch for the whole call. Plain C that the compiler vectorises for the host
    (sae/native/build.py builds it with -O3 -march=native). */
 
-#include <pthread.h>
+#include "parallel.h"
+
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,24 +202,12 @@ int sae_row_topk(const void *x, int bf16, int64_t rows, int64_t m, int64_t row_s
                  void *out_val, int64_t *out_idx, int n_threads) {
     if (k <= 0 || rows <= 0) return 0;
     if (k > m || width < 1 || m / width < k || m >= INT32_MAX) return -2;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > 64) n_threads = 64;
-    if (n_threads > rows) n_threads = (int)rows;
-    struct job jobs[64];
-    pthread_t tids[64];
-    int started[64];
-    for (int i = 0; i < n_threads; i++) {
+    n_threads = sae_threads(n_threads, rows);
+    struct job jobs[SAE_MAX_THREADS];
+    for (int i = 0; i < n_threads; i++)
         jobs[i] = (struct job){(const char *)x, bf16, rows * i / n_threads, rows * (i + 1) / n_threads, m,
                                row_stride, k, width, (char *)out_val, out_idx, 0};
-        started[i] = 0;
-    }
-    for (int i = 1; i < n_threads; i++)
-        started[i] = pthread_create(&tids[i], NULL, run_job, &jobs[i]) == 0;
-    run_job(&jobs[0]);
-    for (int i = 1; i < n_threads; i++) {
-        if (started[i]) pthread_join(tids[i], NULL);
-        else run_job(&jobs[i]); /* no thread to be had: this one does that share too */
-    }
+    sae_run_parallel(run_job, jobs, sizeof jobs[0], n_threads);
     int status = 0;
     for (int i = 0; i < n_threads; i++) {
         if (jobs[i].status < 0) return -1;

@@ -97,6 +97,29 @@ def test_the_same_result_whatever_the_thread_count():
     assert torch.equal(one[1], two[1])
 
 
+def test_gather_dot_matches_its_definition_with_empty_and_uneven_rows():
+    torch.manual_seed(4)
+    b, m, d = 9, 50, 37  # d not a multiple of a vector's width
+    grad, w = torch.randn(b, d), torch.randn(m, d)
+    counts = torch.tensor([3, 0, 5, 1, 0, 0, 7, 2, 4])  # rows with no entry, the last with some
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)[:-1]])
+    cols = torch.randint(0, m, (int(counts.sum()),))
+    rows = torch.arange(b).repeat_interleave(counts)
+    ref = torch.stack([grad[r].double() @ w[c].double() for r, c in zip(rows.tolist(), cols.tolist(), strict=True)])
+    got = native.gather_dot(grad, w, cols, offsets)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(native.gather_dot(grad.t().contiguous().t(), w, cols, offsets), got)  # any layout
+    assert native.gather_dot(grad.double(), w.double(), cols, offsets) is None  # float32 only
+    bad = cols.clone()
+    bad[5] = m
+    with pytest.raises(ValueError, match="column index"):
+        native.gather_dot(grad, w, bad, offsets)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        native.gather_dot(grad, w, cols, offsets.flip(0))
+    with pytest.raises(ValueError, match="one entry per row"):
+        native.gather_dot(grad, w, cols, offsets[:-1])
+
+
 def test_block_width_keeps_at_least_k_blocks():
     assert native.block_width(3072, 32) == 8  # about sqrt(3072 / 32) = 9.8
     assert native.block_width(65536, 32) == 16  # capped
@@ -164,6 +187,19 @@ def test_cc_may_carry_arguments_and_the_library_is_readable_by_all(tmp_path, mon
     os.utime(old, (0, 0))
     build.build(tmp_path, force=True)
     assert not old.exists()
+
+
+def test_without_openmp_the_kernels_use_threads_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "OPENMP", "-fno-such-openmp-flag")  # the OpenMP build fails: the fallback
+    lib = build._load(build.build(tmp_path))
+    monkeypatch.setattr(native, "library", lambda: lib)
+    torch.manual_seed(5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _check(torch.randn(300, 3072), 32)  # enough rows and columns for two threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_native_can_be_switched_off(monkeypatch):

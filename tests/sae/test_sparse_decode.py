@@ -4,7 +4,7 @@ sparse kernel matches its definition written out here."""
 import pytest
 import torch
 
-from sae import SAEConfig, get
+from sae import SAEConfig, get, sparse_decode
 from sae.selection import Selection, select_batch_topk, select_topk
 from sae.sparse_decode import decode_selected, gather_preacts, scatter_rows
 
@@ -22,8 +22,18 @@ def selections() -> list[Selection]:
     return [select_topk(z, 5), select_batch_topk(torch.relu(z), 5)]
 
 
+@pytest.mark.parametrize("path", ["native", "native-fallback", "torch"])
 @pytest.mark.parametrize("which", [0, 1], ids=["topk", "batchtopk"])
-def test_decode_matches_definition_and_dense_path(which):
+def test_decode_matches_definition_and_dense_path(which, path, monkeypatch):
+    # "native": d vals from the C kernel where it builds; "native-fallback": the same Function with the
+    # kernel unavailable; "torch": embedding_bag's own backward for d vals (CUDA's path)
+    if path == "torch":
+        monkeypatch.setattr(sparse_decode, "_native_decode_applies", lambda vals, w: False)
+    elif path == "native-fallback":
+        monkeypatch.setattr(sparse_decode, "_native_decode_applies", lambda vals, w: True)
+        monkeypatch.setattr(sparse_decode.native, "gather_dot", lambda *a: None)
+    elif not sparse_decode._native_decode_applies(torch.zeros(1), torch.zeros(1, 1)):
+        pytest.skip("no C compiler: sae.native falls back to torch")
     sel = selections()[which]
     torch.manual_seed(8)
     w = torch.randn(40, 6, requires_grad=True)
