@@ -233,7 +233,7 @@ def code_fingerprint() -> str:
     h = hashlib.sha256()
     for folder in ("sae", "train", "cache", "settings", "configs"):
         for f in sorted((ROOT / folder).rglob("*")):
-            if f.is_file() and f.suffix in (".py", ".yaml"):
+            if f.is_file() and f.suffix in (".py", ".yaml", ".c", ".h"):  # .c/.h: sae/native's kernels
                 h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
