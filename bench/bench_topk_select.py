@@ -9,8 +9,10 @@ compute dtype under `training.dtype=bfloat16`), median of `--reps` calls after o
 - `topk`: `torch.topk(k, sorted=False)` over the whole row (what the step used before the strided one);
 - `strided<w>`: the top-k blocks of w strided columns by their maxima, then a top-k among their
   k * w entries (sae.selection.strided_block_topk);
-- `row_topk`: what the step uses (sae.selection.row_topk: strided with `strided_width`'s width on the
-  CPU for wide rows, torch.topk otherwise), and that width;
+- `native (width)`: the C kernel, the same strided search row by row (sae.native.row_topk), and the
+  block width it picks (sae.native.block_width);
+- `row_topk`: what the step uses (sae.selection.row_topk: the C kernel where it builds, else strided
+  with `strided_width`'s width on the CPU for wide rows, torch.topk otherwise);
 - `blocked<n>`: a top-k in each of n column blocks, then among the n*k candidates
   (sae.selection.blocked_topk_indices);
 - `threshold mask pass`: only the masked pass of "a threshold from a strided 1/8 sample, then keep what
@@ -34,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae.selection import blocked_topk_indices, row_topk, strided_block_topk, strided_width  # noqa: E402
+from sae import native  # noqa: E402
+from sae.selection import blocked_topk_indices, row_topk, strided_block_topk  # noqa: E402
 
 
 def timed(fn: Any, reps: int) -> float:
@@ -68,9 +71,11 @@ def main() -> None:
     compiled = None if args.no_compile else torch.compile(lambda z: z.topk(k, dim=1, sorted=False), dynamic=False)
     widths = (4, 8, 16, 32)
     print(f"load average at start {os.getloadavg()[0]:.1f}; ms per call, median of {args.reps}")
-    print("| latents | dtype | topk | " + " | ".join(f"strided{w}" for w in widths) + " | row_topk (width) "
+    if native.library() is None:
+        print("sae.native: no C kernel on this machine (the native column is empty)")
+    print("| latents | dtype | topk | " + " | ".join(f"strided{w}" for w in widths) + " | native (width) | row_topk "
           "| blocked4 | blocked8 | blocked16 | threshold mask pass | compiled topk | max |")
-    print("|---|---|---|" + "---|" * len(widths) + "---|---|---|---|---|---|---|")
+    print("|---|---|---|" + "---|" * len(widths) + "---|---|---|---|---|---|---|---|")
     for m in args.latents:
         torch.manual_seed(0)
         z32 = torch.randn(args.batch, args.d) @ (torch.randn(m, args.d) / args.d**0.5).T
@@ -80,6 +85,8 @@ def main() -> None:
             for w in widths:
                 ok = m % w == 0 and m // w >= k
                 row.append(timed(lambda z=z, w=w: strided_block_topk(z, k, w), args.reps) if ok else float("nan"))
+            has_native = native.library() is not None
+            own = timed(lambda z=z: native.row_topk(z, k), args.reps) if has_native else float("nan")
             kept = timed(lambda z=z: row_topk(z, k), args.reps)
             for blocks in (4, 8, 16):
                 ok = m % blocks == 0 and m // blocks >= k
@@ -89,7 +96,8 @@ def main() -> None:
             row.append(timed(lambda z=z: compiled(z), args.reps) if compiled is not None else float("nan"))
             row.append(timed(lambda z=z: z.max(dim=1), args.reps))
             cells = [f"{v:.1f}" for v in row]
-            cells.insert(1 + len(widths), f"{kept:.1f} ({strided_width(m, k) or 'torch.topk'})")
+            cells.insert(1 + len(widths), f"{own:.1f} ({native.block_width(m, k)})")
+            cells.insert(2 + len(widths), f"{kept:.1f}")
             print(f"| {m} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |", flush=True)
 
 
