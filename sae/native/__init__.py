@@ -68,17 +68,21 @@ def gather_dot(grad: Tensor, w: Tensor, cols: Tensor, offsets: Tensor) -> Tensor
     """[N] float32: grad[b] . w[cols[e]] for each entry e of row b, rows as a `Selection` lays them out
     (row b owns cols[offsets[b]:offsets[b + 1]], the last row to N). grad [B, d], w [M, d] float32 CPU;
     None where the kernel does not apply (another dtype or device, no library). Raises ValueError on
-    offsets or columns out of range (the kernel checks them: it reads w through them)."""
+    offsets that do not start at 0 and rise within [0, N], columns outside [0, M) (the kernel checks
+    them: it reads w through them) and cols that are not a 1-D integer tensor."""
     lib = library()
     if lib is None or grad.device.type != "cpu" or grad.dtype != torch.float32 or w.dtype != torch.float32:
         return None
     if grad.dim() != 2 or w.dim() != 2 or grad.shape[1] != w.shape[1] or w.device.type != "cpu":
         return None
     grad, w = grad.contiguous(), w.detach().contiguous()
-    cols, offsets = cols.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
+    if cols.dim() != 1 or cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
+        raise ValueError(f"gather_dot: cols must be a 1-D integer tensor, got {cols.dtype} of shape "
+                         f"{tuple(cols.shape)}")
     if offsets.shape != (grad.shape[0],):
         raise ValueError(f"gather_dot: offsets must have one entry per row of grad ({grad.shape[0]}), "
                          f"got shape {tuple(offsets.shape)}")
+    cols, offsets = cols.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
     out = torch.empty(cols.shape[0], dtype=torch.float32)
     threads = torch.get_num_threads() if cols.shape[0] * w.shape[1] >= 1 << 18 else 1
     with record_function("sae::gather_dot"):
@@ -88,7 +92,7 @@ def gather_dot(grad: Tensor, w: Tensor, cols: Tensor, offsets: Tensor) -> Tensor
             ctypes.c_void_p(out.data_ptr()), threads,
         )
     if status == -3:
-        raise ValueError("gather_dot: offsets must be non-decreasing and within [0, N]")
+        raise ValueError("gather_dot: offsets must start at 0 and be non-decreasing within [0, N]")
     if status == -4:
         raise ValueError(f"gather_dot: a column index is outside [0, {w.shape[0]})")
     return out

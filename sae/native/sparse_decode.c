@@ -45,10 +45,11 @@ static void *dot_rows(void *arg) {
 
 /* out[e] = grad[b] . w[cols[e]] for each entry e of row b (row b owns entries offsets[b] to
    offsets[b + 1], the last row to n). grad [rows, d], w [m, d], both contiguous float32.
-   Returns 0, -3 if the offsets are not non-decreasing within [0, n], -4 if a column is outside [0, m). */
+   Returns 0, -3 if the offsets do not start at 0 and rise within [0, n], -4 if a column is outside [0, m). */
 int sae_gather_dot(const float *grad, const float *w, const int64_t *cols, const int64_t *offsets, int64_t rows,
                    int64_t n, int64_t m, int64_t d, float *out, int n_threads) {
     if (rows <= 0) return n == 0 ? 0 : -3;
+    if (offsets[0] != 0) return -3; /* entries before the first row would belong to no row */
     n_threads = sae_threads(n_threads, rows);
     struct dot_job jobs[SAE_MAX_THREADS];
     for (int i = 0; i < n_threads; i++)

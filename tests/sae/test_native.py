@@ -116,6 +116,10 @@ def test_gather_dot_matches_its_definition_with_empty_and_uneven_rows():
         native.gather_dot(grad, w, bad, offsets)
     with pytest.raises(ValueError, match="non-decreasing"):
         native.gather_dot(grad, w, cols, offsets.flip(0))
+    with pytest.raises(ValueError, match="start at 0"):
+        native.gather_dot(grad, w, cols, offsets + 1)  # entry 0 would belong to no row
+    with pytest.raises(ValueError, match="1-D integer"):
+        native.gather_dot(grad, w, cols.float(), offsets)
     with pytest.raises(ValueError, match="one entry per row"):
         native.gather_dot(grad, w, cols, offsets[:-1])
 
