@@ -35,6 +35,12 @@ def block_width(m: int, k: int) -> int:
     return width
 
 
+def _threads(work: int) -> int:
+    """torch's thread count for a call over `work` values, 1 below 2^18 of them: handing a small
+    matrix to the other threads costs more than it saves."""
+    return torch.get_num_threads() if work >= 1 << 18 else 1
+
+
 def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """(values [B, k] in z's dtype, column indices [B, k] int64) of a top-k of each row of z [B, M] on
     the CPU, in no order within a row; None where the kernel does not apply (not a float32 or bfloat16
@@ -52,12 +58,10 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     indices = torch.empty((b, k), dtype=torch.int64)
     if b == 0:
         return values, indices
-    # a thread costs tens of microseconds to start: not worth it for a small matrix
-    threads = torch.get_num_threads() if b * m >= 1 << 18 else 1
     with record_function("sae::row_topk"):  # a name for the profiler, which sees no aten op here
         status = lib.sae_row_topk(
             ctypes.c_void_p(z.data_ptr()), _DTYPES[z.dtype], b, m, z.stride(0), k, block_width(m, k),
-            ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(indices.data_ptr()), threads,
+            ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(indices.data_ptr()), _threads(b * m),
         )
     if status == -1:
         raise MemoryError("sae.native.row_topk: the kernel could not allocate its buffers")
@@ -84,12 +88,11 @@ def gather_dot(grad: Tensor, w: Tensor, cols: Tensor, offsets: Tensor) -> Tensor
                          f"got shape {tuple(offsets.shape)}")
     cols, offsets = cols.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
     out = torch.empty(cols.shape[0], dtype=torch.float32)
-    threads = torch.get_num_threads() if cols.shape[0] * w.shape[1] >= 1 << 18 else 1
     with record_function("sae::gather_dot"):
         status = lib.sae_gather_dot(
             ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(cols.data_ptr()),
             ctypes.c_void_p(offsets.data_ptr()), grad.shape[0], cols.shape[0], w.shape[0], w.shape[1],
-            ctypes.c_void_p(out.data_ptr()), threads,
+            ctypes.c_void_p(out.data_ptr()), _threads(cols.shape[0] * w.shape[1]),
         )
     if status == -3:
         raise ValueError("gather_dot: offsets must start at 0 and be non-decreasing within [0, N]")
