@@ -8,7 +8,8 @@ sums of the shards already on disk, reaches the same bits as an uninterrupted on
 A shard's sums are computed where its rows are: on the GPU (before the device-to-host copy) when the
 producer hands the writer CUDA tensors, on the CPU otherwise. Either way the values are widened
 exactly (to float32 within a block of rows on the CPU, to float64 on a GPU), and every sum depends
-only on the shard's rows and the kind of device, never on the number of threads or on how the
+only on the shard's rows and the kind of device, never on the number of threads, the CPU, the
+availability of a C compiler (cache/stats.c and its numpy twin agree bit for bit) or on how the
 producer split its appends, so a shard rewritten after a crash on the same kind of device gets the
 same bits. The sums of squared norms and of norms are added up from the per-row values by numpy,
 whose order of addition is fixed.
@@ -16,21 +17,29 @@ whose order of addition is fixed.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-# Values per block of rows. CPU: each torch or numpy call gives up the interpreter lock and must take it
-# back, and beside a thread that runs Python (the producer, the committer) every retake can wait for the
-# interpreter's switch interval, so blocks are large (2^21 cut those waits 7x against 2^18, bench/RESULTS.md
-# "Cache writer", run 6) though they no longer stay in a core's cache. GPU: a handful of kernel launches.
-_CPU_BLOCK_ELEMENTS = 1 << 21
-# Columns per float32 partial sum of a row's squares (`_row_squares`); rows of squared norm below
-# _TINY_SQUARES are summed in float64 instead, where float32 products may have underflowed.
-_SQUARES_CHUNK = 128
-_TINY_SQUARES = 1e-30
+import native
+
+# Values per block of rows on a GPU: a handful of kernel launches.
 _DEVICE_BLOCK_ELEMENTS = 1 << 24
+# The CPU algorithm (`host_row_sums`), shared by cache/stats.c and its numpy twin `_twin_row_sums`:
+# columns per float32 partial of a row's squares, accumulators per chunk, rows per float32 pairwise sum.
+_CHUNK, _LANES, _BLOCK_ROWS = 128, 16, 256
+# Rows whose float32 sum of squares is below _TINY_SQUARES (products may have underflowed), or inf, are
+# summed again in float64.
+_TINY_SQUARES = 1e-30
+# Values per numpy call of the twin: each numpy call gives up the interpreter lock and must take it back,
+# and beside a thread that runs Python every retake can wait for the interpreter's switch interval
+# (bench/RESULTS.md "Cache writer", run 6), so its blocks are large.
+_TWIN_ELEMENTS = 1 << 21
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @dataclass(frozen=True)
@@ -52,87 +61,129 @@ class ShardSums:
     sumnorm: float
 
 
-def _block_rows(d: int, device: torch.device) -> int:
-    budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
-    return max(1, budget // max(d, 1))
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.cache_row_sums.argtypes = [ptr, ptr, ctypes.c_int, ctypes.c_int, i64, ptr, ptr]
+    lib.cache_row_sums.restype = ctypes.c_int
+    return lib
+
+
+def _build(force: bool = False) -> Path:
+    # -ffp-contract=off: no fused multiply-adds, so that every CPU gets the numpy twin's bits
+    flags = ("-O3", "-march=native", "-ffp-contract=off")
+    return native.build("cache_stats", [Path(__file__).with_name("stats.c")], [], [flags], force=force)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return native.load("cache.stats", _build, _bind)
 
 
 def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 column sums [len(layers), d] and per-row squared L2 norms [len(layers), n] of CPU rows.
 
     layers[i]: the pieces of layer i, row blocks [m_k, d] in order (sum m_k = n), in the stored dtype.
-    The rows are taken in fixed blocks counted from the first row, whatever the pieces, so the result
-    depends on the rows alone. Call it from a thread with one torch intra-op thread (the writer's
-    workers): reductions then never split across threads, and the order of additions is fixed.
-
-    The column sums are float32 within a block (each value widened exactly; torch sums a block's
-    column pairwise, so the rounding stays near 1e-7 of the values' magnitude), the blocks' sums added
-    up in float64: widening every value to float64 first took 1.2-2.4x as long, the writer's largest
-    CPU cost beside the disk, for precision no reader needs (FORMAT.md 2 states the bound). Each row's
-    squared norm: see `_row_squares`."""
-    step = _block_rows(d, torch.device("cpu"))
-    n_blocks = -(-n // step)
-    block_sums = torch.empty((len(layers), max(n_blocks, 1), d), dtype=torch.float32)
-    sq = np.empty((len(layers), n), dtype=np.float64)
-    scratch = torch.empty((min(step, max(n, 1)), d), dtype=torch.float32)
-    # Few calls per block (see _CPU_BLOCK_ELEMENTS): per-block results go into buffers summed at the end.
+    Every value is widened exactly to float32, and the sums follow one fixed order that depends on the
+    rows alone (not on the pieces, the threads or the CPU):
+    - column sums: within each block of 256 rows counted from the first row, the pairwise float32 sum
+      (rows 0+1, 2+3, ..., then those pairs; a partial block as if padded with -0.0); the blocks' sums
+      added in float64, in order. Float64 throughout took 1.2-2.4x as long, the writer's largest CPU cost
+      beside the disk, for precision no reader needs (FORMAT.md 2 states the bound).
+    - each row's squared norm: per chunk of 128 columns a float32 sum (16 accumulators, each adding its
+      columns' squares in order, then added pairwise), the chunks added in float64 in order. One float32
+      sum over a whole row came out 5e-6 off for rows with a few massive entries at d = 4096 (an LM's
+      first token, the same error in every such row); chunks keep it within ~3e-7. Rows whose float32
+      squares may have underflowed (below ~1e-19) or overflowed (above ~1e19) are summed again in float64.
+    cache/stats.c computes this in one pass (float32 and bfloat16 rows); `_twin_row_sums` is the same
+    algorithm in numpy, used for float16 rows and where the C library does not build, with the same
+    bits (tests/cache/test_stats.py checks it), so a harvest resumed on a machine without a compiler
+    still gets the statistics of an uninterrupted one."""
+    sums = np.zeros((len(layers), d), dtype=np.float64)
+    sq = np.zeros((len(layers), n), dtype=np.float64)
+    lib = _library()
     for i, pieces in enumerate(layers):
-        whole = pieces[0] if len(pieces) == 1 else None
-        # float32 rows in one contiguous piece are read in place: a copy would give the same bits.
-        direct = whole is not None and whole.dtype == torch.float32 and whole.is_contiguous()
-        k, pos = 0, 0  # current piece and the row within it
-        for j, a in enumerate(range(0, n, step)):
-            m = min(step, n - a)
-            if direct:
-                assert whole is not None
-                block = whole[a:a + m]
-            else:
-                block = scratch[:m]
-                if whole is not None:
-                    block.copy_(whole[a:a + m])  # widening exactly
-                else:
-                    filled = 0
-                    while filled < m:  # gather rows [a, a + m) from the pieces, widening exactly
-                        take = min(m - filled, pieces[k].shape[0] - pos)
-                        scratch[filled:filled + take].copy_(pieces[k][pos:pos + take])
-                        filled, pos = filled + take, pos + take
-                        if pos == pieces[k].shape[0]:
-                            k, pos = k + 1, 0
-            torch.sum(block, dim=0, out=block_sums[i, j])
-            _row_squares(block.numpy(), sq[i, a:a + m])
-    sums = block_sums[:, :n_blocks].to(torch.float64).sum(dim=1)
-    for i in (int(j) for j in np.flatnonzero(~torch.isfinite(sums).all(dim=1).numpy())):
-        # A column sum past float32's range (values above ~1e34, which bfloat16 can hold), or values that
-        # are not finite: this layer's sums again in float64, where only non-finite values stay
-        # non-finite (`combine` names them).
-        rows = torch.cat([p.to(torch.float64) for p in layers[i]]) if n else torch.zeros((0, d), dtype=torch.float64)
-        sums[i] = rows.sum(dim=0)
-    return sums, torch.from_numpy(sq)
+        if n == 0:
+            continue
+        if lib is not None and pieces[0].dtype in _KERNEL_DTYPES:
+            parts = [p if p.is_contiguous() else p.contiguous() for p in pieces if p.shape[0]]
+            ptrs = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
+            counts = (ctypes.c_int64 * len(parts))(*[p.shape[0] for p in parts])
+            status = lib.cache_row_sums(ptrs, counts, len(parts), _KERNEL_DTYPES[pieces[0].dtype], d,
+                                        sums[i].ctypes.data, sq[i].ctypes.data)
+            if status != 0:
+                raise MemoryError("cache.stats: the statistics kernel could not allocate its buffers")
+        else:
+            _twin_row_sums(pieces, n, d, sums[i], sq[i])
+        redo = np.flatnonzero(~(sq[i] >= _TINY_SQUARES) | np.isinf(sq[i]))  # NaN too: float64 keeps only real ones
+        if redo.size:
+            rows = torch.cat(pieces)[torch.from_numpy(redo)].to(torch.float64).numpy()
+            sq[i, redo] = _chunk_squares(_pad_columns(rows))
+        if not np.isfinite(sums[i]).all():
+            # A column sum past float32's range (values above ~1e34, which bfloat16 can hold), or values that
+            # are not finite: this layer's sums again in float64, where only non-finite values stay
+            # non-finite (`combine` names them).
+            sums[i] = torch.cat([p.to(torch.float64) for p in pieces]).sum(dim=0).numpy()
+    return torch.from_numpy(sums), torch.from_numpy(sq)
 
 
-def _row_squares(x: np.ndarray, out: np.ndarray) -> None:
-    """out [m] float64 = each row's sum of squares of x [m, d] float32.
+def _pad_columns(x: np.ndarray) -> np.ndarray:
+    width = -(-x.shape[1] // _CHUNK) * _CHUNK
+    if width == x.shape[1]:
+        return x
+    out = np.zeros((x.shape[0], width), dtype=x.dtype)
+    out[:, :x.shape[1]] = x
+    return out
 
-    numpy's einsum makes one pass of fused multiply-adds per row in a fixed order, but one float32 sum
-    over a whole row adds nearly in sequence: rows with a few massive entries (an LM's first token)
-    came out 5e-6 off at d = 4096, the same error in every such row. Float32 sums of 128 columns
-    added up in float64 stay within ~3e-7 at 1.0-1.2x the cost, where float64 throughout cost 4x
-    (bench/RESULTS.md, "Cache writer"). Rows whose squares may have underflowed float32 (values
-    below ~1e-19) or overflowed it (above ~1e19) are summed again in float64."""
-    m, d = x.shape
-    head = d - d % _SQUARES_CHUNK
-    if head:
-        part = x[:, :head].reshape(m, head // _SQUARES_CHUNK, _SQUARES_CHUNK)  # a view
-        np.add.reduce(np.einsum("ijk,ijk->ij", part, part), axis=1, dtype=np.float64, out=out)
-    else:
-        out[:] = 0.0
-    if head < d:
-        tail = x[:, head:]
-        out += np.einsum("ij,ij->i", tail, tail)
-    redo = np.flatnonzero(~(out >= _TINY_SQUARES) | np.isinf(out))  # NaN too: float64 keeps only real ones
-    if redo.size:
-        rows = x[redo].astype(np.float64)
-        out[redo] = np.einsum("ij,ij->i", rows, rows)
+
+def _chunk_squares(x: np.ndarray) -> np.ndarray:
+    """[m] float64: each row's sum of squares of x [m, width] (width a multiple of 128, zero past the
+    row's end) by host_row_sums' rule, in x's dtype within a chunk."""
+    m, width = x.shape
+    with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow: host_row_sums redoes those rows
+        return _chunk_squares_quiet(x, m, width)
+
+
+def _chunk_squares_quiet(x: np.ndarray, m: int, width: int) -> np.ndarray:
+    v = (x * x).reshape(m, width // _CHUNK, _CHUNK // _LANES, _LANES)
+    lanes = v[:, :, 0].copy()
+    for g in range(1, _CHUNK // _LANES):
+        lanes += v[:, :, g]
+    while lanes.shape[-1] > 1:
+        lanes = lanes[..., 0::2] + lanes[..., 1::2]
+    total = np.zeros(m, dtype=np.float64)
+    for c in range(width // _CHUNK):
+        total += lanes[:, c, 0]
+    return total
+
+
+def _twin_row_sums(pieces: list[torch.Tensor], n: int, d: int, sums: np.ndarray, sq: np.ndarray) -> None:
+    """cache/stats.c's `cache_row_sums` in numpy (see host_row_sums): sums [d] and sq [n] filled."""
+    width = -(-d // _CHUNK) * _CHUNK
+    step = max(1, _TWIN_ELEMENTS // (width * _BLOCK_ROWS)) * _BLOCK_ROWS  # whole blocks per call
+    scratch = torch.zeros((min(step, -(-n // _BLOCK_ROWS) * _BLOCK_ROWS), width), dtype=torch.float32)
+    x = scratch.numpy()  # zero past column d, for the squares
+    k, pos = 0, 0  # current piece and the row within it
+    for a in range(0, n, step):
+        m = min(step, n - a)
+        filled = 0
+        while filled < m:  # rows [a, a + m) from the pieces, widened exactly
+            take = min(m - filled, pieces[k].shape[0] - pos)
+            scratch[filled:filled + take, :d].copy_(pieces[k][pos:pos + take])
+            filled, pos = filled + take, pos + take
+            if pos == pieces[k].shape[0]:
+                k, pos = k + 1, 0
+        sq[a:a + m] = _chunk_squares(x[:m])
+        whole = -(-m // _BLOCK_ROWS) * _BLOCK_ROWS
+        x[m:whole, :d] = -0.0  # a partial block: -0.0 adds nothing, to any value
+        tree = x[:whole].reshape(whole // _BLOCK_ROWS, _BLOCK_ROWS, width)
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow: host_row_sums redoes the layer
+            while tree.shape[1] > 1:
+                tree = tree[:, 0::2] + tree[:, 1::2]
+            for block in tree[:, 0, :d]:
+                sums += block
 
 
 def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +192,7 @@ def device_row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     All layers at once in a few large blocks; reductions of fixed shapes on one device are
     deterministic, which is what resume-exactness needs."""
     n_layers, n, d = x.shape
-    step = _block_rows(n_layers * d, x.device)
+    step = max(1, _DEVICE_BLOCK_ELEMENTS // max(n_layers * d, 1))
     sums = torch.zeros((n_layers, d), dtype=torch.float64, device=x.device)
     sq = torch.empty((n_layers, n), dtype=torch.float64, device=x.device)
     for a in range(0, n, step):

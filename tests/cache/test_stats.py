@@ -157,3 +157,87 @@ def test_row_norms_keep_the_contract_for_massive_and_for_tiny_activations(case):
     sq = (x.double().numpy() ** 2).sum(axis=1)
     assert abs(s.sumsq / n - sq.mean()) <= 1e-6 * sq.mean()
     assert abs(s.sumnorm / n - np.sqrt(sq).mean()) <= 1e-6 * np.sqrt(sq).mean()
+
+
+def _spec_row_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """host_row_sums' documented order, one scalar operation at a time (float32 / float64 scalars):
+    an independent reading of the rule that the C kernel and its numpy twin both implement."""
+    n, d = x.shape
+    f32, f64 = np.float32, np.float64
+    sq = np.zeros(n)
+    for r in range(n):
+        total = f64(0.0)
+        for c in range(0, d, 128):
+            chunk = [f32(v) for v in x[r, c:c + 128]] + [f32(0.0)] * max(0, c + 128 - d)
+            lanes = [chunk[lane] * chunk[lane] for lane in range(16)]
+            for g in range(1, 8):
+                lanes = [lanes[lane] + chunk[g * 16 + lane] * chunk[g * 16 + lane] for lane in range(16)]
+            while len(lanes) > 1:
+                lanes = [lanes[2 * i] + lanes[2 * i + 1] for i in range(len(lanes) // 2)]
+            total = total + f64(lanes[0])
+        sq[r] = total
+    sums = np.zeros(d)
+    for a in range(0, n, 256):
+        level = [x[r].astype(np.float32) for r in range(a, min(a + 256, n))]
+        level += [np.full(d, -0.0, dtype=np.float32)] * (256 - len(level))
+        while len(level) > 1:
+            level = [level[2 * i] + level[2 * i + 1] for i in range(len(level) // 2)]
+        sums = sums + level[0].astype(np.float64)
+    return sums, sq
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_host_sums_follow_the_documented_order_bit_for_bit(dtype):
+    from cache.stats import host_row_sums
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 300, 130  # a full block of 256 rows and a partial one; a full chunk of 128 columns and 2 more
+    x = (torch.randn(n, d, generator=g) * 5 + 2).to(dtype)
+    x[7] = -0.0  # a row of negative zeros: its squares and its place in the tree are exact
+    sums, sq = host_row_sums([[x[:100], x[100:]]], n, d)
+    want_sums, want_sq = _spec_row_sums(x.float().numpy())
+    assert sums[0].numpy().tobytes() == want_sums.tobytes()
+    assert sq[0].numpy().tobytes() == want_sq.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, d", [(1, 7), (255, 128), (257, 130), (5000, 384), (600, 2048)])
+def test_the_c_kernel_and_its_numpy_twin_give_the_same_bits(dtype, n, d, monkeypatch):
+    from cache import stats
+
+    if stats._library() is None:
+        pytest.skip("no C compiler: only the numpy twin runs here")
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g) * 4 + 1
+    x[: n // 3, 0] = 3000.0  # massive entries
+    x[n // 2] *= 1e-22  # a row the float32 squares lose: summed again in float64
+    x = x.to(dtype)
+    cuts = sorted({0, n, *(int(c) for c in torch.randint(0, n, (4,), generator=g))})
+    pieces = [x[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    kernel = stats.host_row_sums([pieces, [x]], n, d)
+    monkeypatch.setattr(stats, "_library", lambda: None)
+    twin = stats.host_row_sums([pieces, [x]], n, d)
+    for a, b in zip(kernel, twin, strict=True):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+    for t in kernel:  # layer 0 in pieces, layer 1 in one tensor: the same rows, the same bits
+        assert t[0].numpy().tobytes() == t[1].numpy().tobytes()
+
+
+def test_a_harvest_resumed_without_the_c_kernel_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    from cache import stats
+
+    if stats._library() is None:
+        pytest.skip("no C compiler: both writes use the numpy twin")
+    write_cache(tmp_path / "ref", "safetensors", n_train=7, n_heldout=3, dtype="bfloat16")
+    w = new_writer(tmp_path / "c", "safetensors", dtype="bfloat16")
+    produce(w, "train", 3)
+    w.close()  # as after a crash; then resumed on a machine without a compiler
+    monkeypatch.setattr(stats, "_library", lambda: None)
+    w = new_writer(tmp_path / "c", "safetensors", dtype="bfloat16")
+    produce(w, "train", 7, start=w.resume_point("train"))
+    produce(w, "heldout", 3, start=w.resume_point("heldout"))
+    w.finish()
+    ref = cache.open(tmp_path / "ref").manifest
+    got = cache.open(tmp_path / "c").manifest
+    assert got["stats"] == ref["stats"]
+    assert got["shards"] == ref["shards"]  # the checksums cover the per-shard sums stored in each shard
