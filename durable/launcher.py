@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import NoReturn
 
 # torchrun sets it in every worker's environment (and only there).
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
@@ -132,3 +133,35 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr was the launcher's pipe, closed with it
         pass
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a command line's process with `status`: `sys.exit` outside torchrun; in a torchrun worker,
+    run the atexit handlers, flush stdout/stderr and `os._exit`, so that the interpreter's teardown
+    (module and object finalization, C++ static destructors) never runs.
+
+    Why: `dist.destroy_process_group()` does not stop the gloo backend: its C++ threads (two
+    `pt_gloo_runloop`, one `gloo_tcp_loop`) still run after it, and still when the interpreter
+    finalizes. A rank whose run had finished (barrier, destroy_process_group, everything written) at
+    times died of SIGABRT, "terminate called without an active exception", under load on 2 CPU
+    cores. Its core dump: the main thread in Py_FinalizeEx while a `pt_gloo_runloop` thread, late in
+    dropping the final barrier's work (~AsyncBarrierWork), decref'd that work's tensor's PyObject;
+    taking the GIL during finalization ends a thread with pthread_exit, whose unwinding through the
+    noexcept destructor calls std::terminate. A barrier cannot close that window (the thread drops
+    the work after waking the waiter). With `os._exit` the interpreter never finalizes, so nothing
+    races it, and the exit status is the one the command returned.
+
+    Only for the `if __name__ == "__main__"` line of our own torchrun entry points (train, the sweep,
+    harvest), after `main()` returned: by then every file the run writes is closed and fsynced, and
+    the kernel releases the folder locks with the process as after any exit. Never from library code:
+    it ends the caller's process. An exception that escapes `main()` still takes the ordinary way out
+    (its traceback, then the teardown)."""
+    if TORCHRUN_ENV not in os.environ:
+        sys.exit(status)
+    atexit._run_exitfuncs()  # what a normal exit would run first (the launcher watch's close, logging's flush)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the launcher's pipe is gone
+            pass
+    os._exit(status)

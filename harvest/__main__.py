@@ -107,4 +107,6 @@ def _fail(message: str, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from durable.launcher import exit_process
+
+    exit_process(main())  # under torchrun: os._exit, no interpreter teardown (see exit_process for why)

@@ -122,3 +122,31 @@ def test_a_worker_started_after_its_launcher_died_stops_before_joining(monkeypat
         watch = launcher.watch_launcher(poll=0.05)
         assert watch is not None
         watch.close()
+
+
+EXIT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from durable.launcher import exit_process
+atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
+# a non-daemon thread that would hold an ordinary exit until it ends: os._exit does not wait for it
+threading.Thread(target=time.sleep, args=(60,)).start()
+sys.stdout.write("unflushed output")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_exit_process_keeps_the_status_the_atexit_handlers_and_the_output(tmp_path, torchrun):
+    env = {k: v for k, v in os.environ.items() if k != launcher.TORCHRUN_ENV}
+    env["PYTHONPATH"] = str(REPO)
+    if torchrun:
+        env[launcher.TORCHRUN_ENV] = "test"
+    script = EXIT if torchrun else EXIT.replace("threading.Thread(target=time.sleep, args=(60,)).start()", "")
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "flag")], env=env, capture_output=True,
+                          text=True, timeout=50)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "unflushed output"
+    assert (tmp_path / "flag").read_text() == "atexit ran"
+    assert time.monotonic() - t0 < 30  # under torchrun, no interpreter teardown: the thread is not joined

@@ -167,4 +167,7 @@ def _worker(args: dict) -> None:
 
 
 if __name__ == "__main__":
+    from durable.launcher import exit_process
+
     _worker(json.loads(sys.argv[1]))
+    exit_process(0)  # as `python -m train` ends a torchrun worker: no interpreter teardown to race gloo's threads
