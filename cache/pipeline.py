@@ -15,6 +15,12 @@ memory), and at most `max_uncommitted` are emitted and not yet committed (what a
 `submit` waits while either is reached. Written shards hold no buffers, so commits may lag behind the
 writes and then take many shards at once when fsyncs are slow.
 
+An optional `early` step (the writer's CPU statistics) runs on a thread of its own, on each shard in
+emission order as soon as it is submitted; a worker waits for it before `prepare`. Workers that did
+their shard's statistics themselves finished their writes together (the disk shares its bandwidth
+evenly) and then all computed statistics at once, leaving the disk one stream for that time; with the
+statistics ahead of them, a worker goes from one write to the next.
+
 After a failure (shard k), shards emitted before k are still committed as they finish; k and
 everything emitted after it is dropped (temporaries removed), and the error is raised by the
 producer's next call, exactly as if the shards had been written one by one.
@@ -44,6 +50,8 @@ class Job:
     release: Callable[[], None]  # gives the shard's buffers back; called once, after prepare or instead of it
     result: object = None  # what `prepare` found, for `commit`
     failed: bool = field(default=False)
+    early_done: threading.Event | None = None  # set once `early` ran on this job (None: no early step)
+    early_error: BaseException | None = None
 
 
 class Pipeline:
@@ -51,8 +59,10 @@ class Pipeline:
 
     def __init__(self, *, prepare: Callable[[Job], None], commit: Callable[[list[Job]], None],
                  discard: Callable[[Job], None], next_index: dict[str, int], workers: int,
-                 max_inflight: int, max_uncommitted: int, commit_interval: float = 0.0) -> None:
-        self._prepare, self._commit, self._discard = prepare, commit, discard
+                 max_inflight: int, max_uncommitted: int, commit_interval: float = 0.0,
+                 early: Callable[[Job], None] | None = None) -> None:
+        self._prepare, self._commit, self._discard, self._early = prepare, commit, discard, early
+        self._early_queue: deque[Job] = deque()
         self._interval = commit_interval
         self._last_commit = -math.inf
         self._draining = 0
@@ -74,15 +84,18 @@ class Pipeline:
         # fight the producer's threads. torch keeps the count per OS thread but also remembers the last
         # value set as the default for new threads, so the caller's count is set again afterwards.
         saved = torch.get_num_threads()
-        started = threading.Barrier(workers + 1)
+        loops = [(self._work, f"cache-writer-{i}") for i in range(workers)]
+        if self._early is not None:
+            loops.append((self._early_loop, "cache-stats"))
+        started = threading.Barrier(len(loops) + 1)
 
-        def work() -> None:
+        def run(loop: Callable[[], None]) -> None:
             torch.set_num_threads(1)
             started.wait()
-            self._work()
+            loop()
 
-        for i in range(workers):
-            self._threads.append(threading.Thread(target=work, name=f"cache-writer-{i}", daemon=True))
+        for loop, name in loops:
+            self._threads.append(threading.Thread(target=run, args=(loop,), name=name, daemon=True))
         self._threads.append(threading.Thread(target=self._commit_loop, name="cache-commit", daemon=True))
         for t in self._threads:
             t.start()
@@ -112,6 +125,9 @@ class Pipeline:
                 raise self._error
             self._unwritten += 1
             self._unfinished += 1
+            if self._early is not None:
+                job.early_done = threading.Event()
+                self._early_queue.append(job)
             self._queue.append(job)
             self._cond.notify_all()
 
@@ -138,6 +154,25 @@ class Pipeline:
         self._threads = []
 
     # ---- threads ------------------------------------------------------------------------------
+    def _early_loop(self) -> None:
+        assert self._early is not None
+        while True:
+            with self._cond:
+                while not self._early_queue and not self._stopping:
+                    self._cond.wait()
+                if not self._early_queue:
+                    return
+                job = self._early_queue.popleft()
+                skip = job.seq > self._error_seq
+            try:
+                if not skip:
+                    self._early(job)
+            except BaseException as exc:  # raised by the worker that prepares this job
+                job.early_error = exc
+            finally:
+                assert job.early_done is not None
+                job.early_done.set()
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -148,8 +183,12 @@ class Pipeline:
                 job = self._queue.popleft()
                 skip = job.seq > self._error_seq
             try:
-                if skip:
+                if job.early_done is not None:
+                    job.early_done.wait()
+                if skip or job.seq > self._error_seq:
                     job.failed = True
+                elif job.early_error is not None:
+                    raise job.early_error
                 else:
                     self._prepare(job)
             except BaseException as exc:  # surfaced to the producer on its next call

@@ -172,7 +172,8 @@ class CacheWriter:
                                   next_index=self._next_index, workers=workers if async_write else 1,
                                   max_inflight=max_inflight if async_write else 1,
                                   max_uncommitted=max_uncommitted if async_write else 1,
-                                  commit_interval=COMMIT_INTERVAL if async_write else 0.0)
+                                  commit_interval=COMMIT_INTERVAL if async_write else 0.0,
+                                  early=self._early_stats if async_write else None)
 
     @staticmethod
     def _check_args(layers: list[int], d_model: int, dtype: str, shard_rows: int, backend: str,
@@ -325,6 +326,14 @@ class CacheWriter:
         return self._stagers[device]
 
     # ---- preparing and committing (on the pipeline's threads) ------------------------------------
+    def _early_stats(self, job: Job) -> None:
+        """The statistics of host rows stored as they are, ahead of the shard's write (pipeline.py says
+        why); 8-bit rows are encoded first in `_prepare`, and rows from a GPU came with theirs."""
+        shard = job.payload
+        assert isinstance(shard, _Shard)
+        if shard.sums is None and shard.event is None and not encoding.is_encoded(self.dtype):
+            shard.sums, shard.sq = host_row_sums(shard.acts, job.rows, self.d_model)
+
     def _prepare(self, job: Job) -> None:
         shard = job.payload
         assert isinstance(shard, _Shard)

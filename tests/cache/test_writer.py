@@ -226,6 +226,57 @@ def test_async_writer_prepares_on_worker_threads_with_a_bounded_number_in_flight
     assert cache.open(tmp_path / "c").num_rows("train") == 16
 
 
+def test_statistics_run_ahead_of_the_writes_on_a_thread_of_their_own(tmp_path, monkeypatch):
+    from cache import shardio
+    from cache import writer as writer_mod
+
+    gate = threading.Event()
+    stats_threads, real_write, real_sums = [], shardio.write_tmp, writer_mod.host_row_sums
+
+    def sums(*a, **kw):
+        stats_threads.append(threading.current_thread().name)
+        return real_sums(*a, **kw)
+
+    monkeypatch.setattr(shardio, "write_tmp", lambda *a, **kw: (gate.wait(10), real_write(*a, **kw))[1])
+    monkeypatch.setattr(writer_mod, "host_row_sums", sums)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=1, max_inflight=3)
+    w.append("train", chunk=0, offset=0, **_args(12))  # 3 shards; the one worker waits in the first write
+    deadline = time.monotonic() + 10
+    while len(stats_threads) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stats_threads == ["cache-stats"] * 3  # all three, while no write has finished
+    assert w.rows_written("train") == 0
+    gate.set()
+    w.finish()
+    ref = new_writer(tmp_path / "sync", "safetensors", shard_rows=4)  # statistics inside the write
+    ref.append("train", chunk=0, offset=0, **_args(12))
+    ref.finish()
+    assert cache.open(tmp_path / "c").manifest["stats"] == cache.open(tmp_path / "sync").manifest["stats"]
+
+
+def test_a_failure_in_the_statistics_step_fails_its_shard_like_one_in_the_write(tmp_path, monkeypatch):
+    from cache import writer as writer_mod
+
+    calls, real_sums = [], writer_mod.host_row_sums
+
+    def sums(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("cache.stats: the statistics kernel could not allocate its buffers")
+        return real_sums(*a, **kw)
+
+    monkeypatch.setattr(writer_mod, "host_row_sums", sums)
+    w = new_writer(tmp_path / "c", "safetensors", shard_rows=4, async_write=True, workers=2)
+    with pytest.raises(MemoryError, match="statistics kernel"):
+        for i in range(50):  # shard 1 fails; the error surfaces on one of the next calls
+            w.append("train", chunk=i, offset=0, **_args(4))
+        w.flush()
+    w.close()
+    c = cache.open(tmp_path / "c", allow_incomplete=True)
+    assert [s.name.split(".")[0] for s in c.shards("train")] == ["train-000000"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", c.shards("train")[0].name]
+
+
 def test_async_writer_keeps_a_bounded_number_of_shard_buffers(tmp_path):
     w = new_writer(tmp_path / "c", "safetensors", shard_rows=8, async_write=True, workers=2, max_inflight=2)
     produce(w, "train", 12)  # ~35 shards of 8 rows
