@@ -1,7 +1,8 @@
 """Several shards in flight, committed in order.
 
-Worker threads take emitted shards one each and *prepare* them (statistics, checksum, the write under
-a temporary name, fsync): their work overlaps that of the other workers and the producer's. A
+Worker threads take emitted shards one each and *prepare* them (the writer's statistics where no
+`early` step took them, checksum, the write under a temporary name, fsync): their work overlaps that of
+the other workers and the producer's. A
 committer thread *commits* (renames, one fsync of the folder, one manifest rewrite) the longest run of
 prepared shards that follow the last committed shard of their split, all together: shards that finish
 together share one manifest rewrite, and the manifest never lists a shard before its predecessors.
@@ -74,6 +75,7 @@ class Pipeline:
         self._next = dict(next_index)
         self._unfinished = 0
         self._error: BaseException | None = None
+        self._pending: set[int] = set()  # seqs submitted and not yet prepared (or skipped)
         self._error_seq = math.inf
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -104,7 +106,17 @@ class Pipeline:
 
     @property
     def error(self) -> BaseException | None:
-        return self._error
+        """The error of the first failed shard in emission order, or None. Waits, when a shard has failed,
+        for the shards emitted before it to finish: one of them may fail too, and the producer must be
+        told of that one, as if the shards had been written one by one."""
+        with self._cond:
+            self._settle()
+            return self._error
+
+    def _settle(self) -> None:
+        """Caller holds the lock: after a failure, wait until no earlier shard is still being prepared."""
+        while self._error is not None and any(seq < self._error_seq for seq in self._pending):
+            self._cond.wait()
 
     def _fail(self, seq: int, exc: BaseException) -> None:
         with self._cond:
@@ -121,8 +133,10 @@ class Pipeline:
                     and self._error is None:
                 self._cond.wait()
             if self._error is not None:
+                self._settle()
                 job.release()
                 raise self._error
+            self._pending.add(job.seq)
             self._unwritten += 1
             self._unfinished += 1
             if self._early is not None:
@@ -142,6 +156,7 @@ class Pipeline:
             finally:
                 self._draining -= 1
             if self._error is not None:
+                self._settle()
                 raise self._error
 
     def close(self) -> None:
@@ -202,6 +217,7 @@ class Pipeline:
             job.payload = None  # a written shard holds no rows: memory is bounded by the unwritten ones
             with self._cond:
                 self._unwritten -= 1
+                self._pending.discard(job.seq)
                 self._ready[job.split][job.index] = job
                 self._cond.notify_all()
 

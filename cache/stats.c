@@ -20,10 +20,12 @@
 static void widen_row(const void *src, int dtype, int64_t d, float *out) {
     if (dtype == 0) {
         memcpy(out, src, (size_t)d * sizeof(float));
-    } else { /* bfloat16: the high half of a float32 */
+    } else { /* bfloat16: the high half of a float32 (memcpy: no type punning through pointers) */
         const uint16_t *s = (const uint16_t *)src;
-        uint32_t *o = (uint32_t *)out;
-        for (int64_t j = 0; j < d; j++) o[j] = (uint32_t)s[j] << 16;
+        for (int64_t j = 0; j < d; j++) {
+            uint32_t bits = (uint32_t)s[j] << 16;
+            memcpy(out + j, &bits, sizeof bits);
+        }
     }
 }
 

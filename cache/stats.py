@@ -95,12 +95,18 @@ def host_row_sums(layers: list[list[torch.Tensor]], n: int, d: int) -> tuple[tor
     - each row's squared norm: per chunk of 128 columns a float32 sum (16 accumulators, each adding its
       columns' squares in order, then added pairwise), the chunks added in float64 in order. One float32
       sum over a whole row came out 5e-6 off for rows with a few massive entries at d = 4096 (an LM's
-      first token, the same error in every such row); chunks keep it within ~3e-7. Rows whose float32
-      squares may have underflowed (below ~1e-19) or overflowed (above ~1e19) are summed again in float64.
+      first token, the same error in every such row); chunks keep it within ~3e-7. Rows whose float32 sum
+      of squares is below 1e-30 (values below ~1e-19 may have underflowed) or infinite (values above
+      ~1e19) are summed again in float64.
     cache/stats.c computes this in one pass (float32 and bfloat16 rows); `_twin_row_sums` is the same
     algorithm in numpy, used for float16 rows and where the C library does not build, with the same
     bits (tests/cache/test_stats.py checks it), so a harvest resumed on a machine without a compiler
     still gets the statistics of an uninterrupted one."""
+    for i, pieces in enumerate(layers):  # the C kernel reads through raw pointers: check what it assumes
+        if sum(p.shape[0] for p in pieces) != n or any(p.dim() != 2 or p.shape[1] != d for p in pieces) \
+                or len({p.dtype for p in pieces}) > 1 or any(p.device.type != "cpu" for p in pieces):
+            raise ValueError(f"host_row_sums: layer {i}'s pieces must be CPU [m, {d}] blocks of one dtype "
+                             f"whose rows add up to {n}, got {[(tuple(p.shape), p.dtype) for p in pieces]}")
     sums = np.zeros((len(layers), d), dtype=np.float64)
     sq = np.zeros((len(layers), n), dtype=np.float64)
     lib = _library()

@@ -167,7 +167,8 @@ class CacheWriter:
         self._closed = False
         self._async = async_write
         # Synchronous writing is the same pipeline with one shard at a time, waited for: statistics are
-        # then always computed on a worker thread with one torch thread (see stats.host_row_sums).
+        # then computed on its worker thread, asynchronous writing's on the pipeline's statistics thread,
+        # each with one torch thread (the float64 redo of an overflowing layer is a torch sum).
         self._pipeline = Pipeline(prepare=self._prepare, commit=self._commit, discard=self._discard,
                                   next_index=self._next_index, workers=workers if async_write else 1,
                                   max_inflight=max_inflight if async_write else 1,
@@ -219,8 +220,9 @@ class CacheWriter:
 
     # ---- appending ----------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
-        if self._pipeline.error is not None:
-            raise self._pipeline.error
+        error = self._pipeline.error
+        if error is not None:
+            raise error
         if self._closed:
             raise RuntimeError(f"CacheWriter for {self.path} is closed")
 

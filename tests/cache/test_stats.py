@@ -241,3 +241,12 @@ def test_a_harvest_resumed_without_the_c_kernel_matches_an_uninterrupted_one(tmp
     got = cache.open(tmp_path / "c").manifest
     assert got["stats"] == ref["stats"]
     assert got["shards"] == ref["shards"]  # the checksums cover the per-shard sums stored in each shard
+
+
+def test_host_sums_refuse_pieces_that_do_not_match_n_d_or_one_dtype():
+    from cache.stats import host_row_sums
+
+    x = torch.randn(3, 4)
+    for layers, n, d in (([[x]], 2, 4), ([[x]], 3, 5), ([[x[:1], x[1:].to(torch.bfloat16)]], 3, 4)):
+        with pytest.raises(ValueError, match="pieces must be CPU"):
+            host_row_sums(layers, n, d)

@@ -277,6 +277,28 @@ def test_a_failure_in_the_statistics_step_fails_its_shard_like_one_in_the_write(
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", c.shards("train")[0].name]
 
 
+def test_the_producer_is_told_of_the_first_failed_shard_even_when_a_later_one_fails_first():
+    from cache.pipeline import Job, Pipeline
+
+    def prepare(job):
+        if job.seq == 1:
+            time.sleep(0.2)  # shard 1 fails last, shard 2 at once
+            raise RuntimeError("shard 1")
+        if job.seq == 2:
+            raise RuntimeError("shard 2")
+
+    committed = []
+    p = Pipeline(prepare=prepare, commit=lambda jobs: committed.extend(j.seq for j in jobs),
+                 discard=lambda job: None, next_index={"t": 0}, workers=2, max_inflight=4, max_uncommitted=4)
+    for k in (0, 1, 2):
+        p.submit(Job(k, "t", k, str(k), 1, (0, 0), None, lambda: None))
+    time.sleep(0.05)  # shard 2 has failed; shard 1 is still being written
+    with pytest.raises(RuntimeError, match="shard 1"):  # as if the shards had been written one by one
+        p.submit(Job(3, "t", 3, "3", 1, (0, 0), None, lambda: None))
+    p.close()
+    assert committed == [0]
+
+
 def test_async_writer_keeps_a_bounded_number_of_shard_buffers(tmp_path):
     w = new_writer(tmp_path / "c", "safetensors", shard_rows=8, async_write=True, workers=2, max_inflight=2)
     produce(w, "train", 12)  # ~35 shards of 8 rows
