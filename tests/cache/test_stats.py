@@ -58,19 +58,24 @@ def test_norm_scale_is_sqrt_d_over_train_mean_norm(tmp_path, backend):
         assert math.isclose(c.norm_scale(layer), math.sqrt(c.d_model) / mean_norm, rel_tol=1e-6)  # FORMAT.md 2
 
 
-def test_stats_after_resume_are_bitwise_equal_to_an_uninterrupted_write(tmp_path, backend):
-    write_cache(tmp_path / "ref", backend, n_train=7, n_heldout=3)
-    w = new_writer(tmp_path / "c", backend)
+def _check_resume_equals_uninterrupted(tmp_path, backend, dtype="float32", before_resume=lambda: None):
+    write_cache(tmp_path / "ref", backend, n_train=7, n_heldout=3, dtype=dtype)
+    w = new_writer(tmp_path / "c", backend, dtype=dtype)
     produce(w, "train", 3)
     w.close()  # buffered rows are dropped, as after a crash
-    w = new_writer(tmp_path / "c", backend)
+    before_resume()
+    w = new_writer(tmp_path / "c", backend, dtype=dtype)
     produce(w, "train", 7, start=w.resume_point("train"))
     produce(w, "heldout", 3, start=w.resume_point("heldout"))
     w.finish()
     ref = cache.open(tmp_path / "ref").manifest
     got = cache.open(tmp_path / "c").manifest
     assert got["stats"] == ref["stats"]
-    assert got["shards"] == ref["shards"]
+    assert got["shards"] == ref["shards"]  # the checksums cover the per-shard sums stored in each shard
+
+
+def test_stats_after_resume_are_bitwise_equal_to_an_uninterrupted_write(tmp_path, backend):
+    _check_resume_equals_uninterrupted(tmp_path, backend)
 
 
 def test_empty_split_has_no_statistics(tmp_path, backend):
@@ -228,19 +233,9 @@ def test_a_harvest_resumed_without_the_c_kernel_matches_an_uninterrupted_one(tmp
 
     if stats._library() is None:
         pytest.skip("no C compiler: both writes use the numpy twin")
-    write_cache(tmp_path / "ref", "safetensors", n_train=7, n_heldout=3, dtype="bfloat16")
-    w = new_writer(tmp_path / "c", "safetensors", dtype="bfloat16")
-    produce(w, "train", 3)
-    w.close()  # as after a crash; then resumed on a machine without a compiler
-    monkeypatch.setattr(stats, "_library", lambda: None)
-    w = new_writer(tmp_path / "c", "safetensors", dtype="bfloat16")
-    produce(w, "train", 7, start=w.resume_point("train"))
-    produce(w, "heldout", 3, start=w.resume_point("heldout"))
-    w.finish()
-    ref = cache.open(tmp_path / "ref").manifest
-    got = cache.open(tmp_path / "c").manifest
-    assert got["stats"] == ref["stats"]
-    assert got["shards"] == ref["shards"]  # the checksums cover the per-shard sums stored in each shard
+    # the kill lands with the kernel; the resume runs where there is no compiler
+    _check_resume_equals_uninterrupted(tmp_path, "safetensors", "bfloat16",
+                                       lambda: monkeypatch.setattr(stats, "_library", lambda: None))
 
 
 def test_host_sums_refuse_pieces_that_do_not_match_n_d_or_one_dtype():
