@@ -61,8 +61,6 @@ class ShardSums:
     sumnorm: float
 
 
-
-
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
