@@ -66,3 +66,22 @@ def test_other_errors_are_raised_not_hidden(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         directio.write_new_file(tmp_path / "f", _parts())
     assert info.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("failing_write", [1, 3])
+def test_a_failed_write_of_any_chunk_is_raised_and_nothing_is_written_after_it(tmp_path, monkeypatch,
+                                                                               failing_write):
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(fd)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(directio, "CHUNK", 4096)
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError) as info:
+        directio.write_new_file(tmp_path / "f", _parts())
+    assert info.value.errno == errno.ENOSPC
+    assert len(calls) == failing_write  # no chunk is handed over after a failed one
