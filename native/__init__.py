@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,9 @@ from pathlib import Path
 
 DISABLE_ENV = "SAECACHE_NATIVE"
 DIR_ENV = "SAECACHE_NATIVE_DIR"
+# One build at a time in this process: threads that need a library first (the cache writer's) then wait
+# for it and load the file it made, instead of each compiling it again.
+_BUILDING = threading.Lock()
 
 
 def disabled() -> bool:
@@ -124,6 +128,11 @@ def load(what: str, build_fn: Callable[..., Path], bind: Callable[[Path], ctypes
     that does not load is rebuilt once (build_fn(force=True))."""
     if disabled():
         return None
+    with _BUILDING:
+        return _load(what, build_fn, bind)
+
+
+def _load(what: str, build_fn: Callable[..., Path], bind: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
     try:
         try:
             return bind(build_fn())
@@ -134,5 +143,5 @@ def load(what: str, build_fn: Callable[..., Path], bind: Callable[[Path], ctypes
             return bind(build_fn(force=True))
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"{what}: C kernels unavailable, using the Python path ({e}); set {DISABLE_ENV}=0 to "
-                      "silence", RuntimeWarning, stacklevel=3)
+                      "silence", RuntimeWarning, stacklevel=4)
         return None
