@@ -68,14 +68,13 @@ class Pipeline:
         self._last_commit = -math.inf
         self._draining = 0
         self._max_unwritten, self._max_unfinished = max_inflight, max(max_inflight, max_uncommitted)
-        self._unwritten = 0
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._ready: dict[str, dict[int, Job]] = {s: {} for s in next_index}
         self._next = dict(next_index)
         self._unfinished = 0
         self._error: BaseException | None = None
-        self._pending: set[int] = set()  # seqs submitted and not yet prepared (or skipped)
+        self._unwritten: set[int] = set()  # seqs submitted and not yet prepared (or skipped): they hold buffers
         self._error_seq = math.inf
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -115,7 +114,7 @@ class Pipeline:
 
     def _settle(self) -> None:
         """Caller holds the lock: after a failure, wait until no earlier shard is still being prepared."""
-        while self._error is not None and any(seq < self._error_seq for seq in self._pending):
+        while self._error is not None and any(seq < self._error_seq for seq in self._unwritten):
             self._cond.wait()
 
     def _fail(self, seq: int, exc: BaseException) -> None:
@@ -129,15 +128,14 @@ class Pipeline:
         """Queue `job`, waiting while max_inflight shards are unwritten or max_uncommitted uncommitted.
         Raises the first error."""
         with self._cond:
-            while (self._unwritten >= self._max_unwritten or self._unfinished >= self._max_unfinished) \
+            while (len(self._unwritten) >= self._max_unwritten or self._unfinished >= self._max_unfinished) \
                     and self._error is None:
                 self._cond.wait()
             if self._error is not None:
                 self._settle()
                 job.release()
                 raise self._error
-            self._pending.add(job.seq)
-            self._unwritten += 1
+            self._unwritten.add(job.seq)
             self._unfinished += 1
             if self._early is not None:
                 job.early_done = threading.Event()
@@ -169,16 +167,21 @@ class Pipeline:
         self._threads = []
 
     # ---- threads ------------------------------------------------------------------------------
+    def _take(self, queue: deque[Job]) -> tuple[Job, bool] | None:
+        """The next job of `queue` and whether an earlier shard failed (skip it), waiting for one; None
+        once the pipeline is stopping and the queue is empty."""
+        with self._cond:
+            while not queue and not self._stopping:
+                self._cond.wait()
+            if not queue:
+                return None
+            job = queue.popleft()
+            return job, job.seq > self._error_seq
+
     def _early_loop(self) -> None:
         assert self._early is not None
-        while True:
-            with self._cond:
-                while not self._early_queue and not self._stopping:
-                    self._cond.wait()
-                if not self._early_queue:
-                    return
-                job = self._early_queue.popleft()
-                skip = job.seq > self._error_seq
+        while (taken := self._take(self._early_queue)) is not None:
+            job, skip = taken
             try:
                 if not skip:
                     self._early(job)
@@ -189,18 +192,12 @@ class Pipeline:
                 job.early_done.set()
 
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                skip = job.seq > self._error_seq
+        while (taken := self._take(self._queue)) is not None:
+            job, skip = taken
             try:
                 if job.early_done is not None:
                     job.early_done.wait()
-                if skip or job.seq > self._error_seq:
+                if skip or job.seq > self._error_seq:  # or one failed while the statistics ran
                     job.failed = True
                 elif job.early_error is not None:
                     raise job.early_error
@@ -216,8 +213,7 @@ class Pipeline:
                 self._fail(job.seq, exc)
             job.payload = None  # a written shard holds no rows: memory is bounded by the unwritten ones
             with self._cond:
-                self._unwritten -= 1
-                self._pending.discard(job.seq)
+                self._unwritten.discard(job.seq)
                 self._ready[job.split][job.index] = job
                 self._cond.notify_all()
 

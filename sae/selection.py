@@ -113,10 +113,9 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     cache: 4-6x faster than the torch path at 3072 columns, bench/RESULTS.md "Top-k selection"); where
     it does not apply (no compiler, float16 or float64, NaN in z), `strided_block_topk` where the row is
     wide enough; elsewhere, and on CUDA, torch.topk over the whole row."""
-    if z.device.type == "cpu":
-        picked = native.row_topk(z, k)
-        if picked is not None:
-            return picked
+    picked = native.row_topk(z, k)  # None off the CPU and wherever the kernel does not apply
+    if picked is not None:
+        return picked
     width = strided_width(z.shape[1], k) if z.device.type == "cpu" else None
     if width is None:
         return z.topk(k, dim=1, sorted=False)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import native
 from native import DIR_ENV, DISABLE_ENV  # noqa: F401  (the names callers and tests set)
-from native import compiler as _compiler  # noqa: F401
 
 _HERE = Path(__file__).parent
 NAME = "sae_native"

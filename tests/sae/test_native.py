@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import native as native_build
 from sae import native
 from sae.native import build
 from sae.selection import row_topk
@@ -166,7 +167,7 @@ def test_a_foreign_or_truncated_library_under_the_cache_name_is_rebuilt(tmp_path
     target = build.build(tmp_path)
     src = tmp_path / "other.c"
     src.write_text("int not_ours(void) { return 1; }\n")
-    subprocess.run([*build._compiler(), "-shared", "-fPIC", "-o", str(target), str(src)], check=True)
+    subprocess.run([*native_build.compiler(), "-shared", "-fPIC", "-o", str(target), str(src)], check=True)
     build.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="sae_row_topk"):
