@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sae.collective import GlobalBatch
-from sae.selection import select_dead_topk, select_dead_topk_masked
+from sae.selection import select_dead_topk, select_dead_topk_encoded, select_dead_topk_masked
 from sae.sparse_decode import decode_selected, gather_preacts
 
 
@@ -31,19 +31,29 @@ def auxk_loss(
 ) -> Tensor:
     """Scalar AuxK loss from a TopK-family forward output.
 
-    out needs `pre_acts` [B, M] (with gradient on the dense path, without on the sparse one),
-    `sae_in` [B, d] (the centred encoder input; with `sae_in_centre` where the forward centred it
-    without the centre's graph), `target` and `sae_out` [B, d]. dead_mask [M] bool.
+    out needs `sae_in` [B, d] (the centred encoder input; with `sae_in_centre` where the forward
+    centred it without the centre's graph), `target` and `sae_out` [B, d], and `pre_acts` [B, M] (with
+    gradient on the dense path, without on the sparse one) where the forward kept them: the fused CPU
+    encoder does not (`TopKSAE._fused_encode`), and the dead latents' pre-activations are then
+    computed here, a GEMM over the dead rows of w_enc only. dead_mask [M] bool.
     sync_free: select with fixed shapes (`select_dead_topk_masked`); None = on every device but the CPU."""
-    z = out["pre_acts"]
+    z = out.get("pre_acts")
+    x_c = out["sae_in"]
     if dead_mask is None:
-        return z.new_zeros(())
-    dead_mask = dead_mask.to(device=z.device, dtype=torch.bool)
-    if dead_mask.shape != (z.shape[1],):
-        raise ValueError(f"dead_mask must have shape ({z.shape[1]},), got {tuple(dead_mask.shape)}")
+        return (x_c if z is None else z).new_zeros(())
+    dead_mask = dead_mask.to(device=x_c.device, dtype=torch.bool)
+    if dead_mask.shape != (w_enc.shape[0],):
+        raise ValueError(f"dead_mask must have shape ({w_enc.shape[0]},), got {tuple(dead_mask.shape)}")
     if sync_free is None:
-        sync_free = z.device.type != "cpu"
-    if sync_free:
+        sync_free = x_c.device.type != "cpu"
+    if z is None:
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return x_c.new_zeros(())
+        sel = select_dead_topk_encoded(x_c, w_enc, b_enc, dead_mask, min(aux_k, n_dead))
+        vals = torch.relu(gather_preacts(None, sel, x_c, w_enc, b_enc, out.get("sae_in_centre")))
+        any_dead = torch.ones((), dtype=torch.bool, device=x_c.device)
+    elif sync_free:
         # Fixed shapes only: a GPU step never waits on the host for the number of dead latents.
         sel, keep = select_dead_topk_masked(z.detach(), dead_mask, aux_k)
         vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc, out.get("sae_in_centre"))) * keep

@@ -102,7 +102,7 @@ class _Routed(TopKSAE):
         xn = self._prepare(x)
         lead = xn.shape[:-2]
         r = self.route(xn.reshape(-1, self.cfg.n_layers, self.d_in))
-        sel, vals, *_ = self.encode_selection(r["x_route"])
+        sel, vals, *_ = self.encode_selection(r["x_route"], keep_preacts=False)
         latents = densify(sel, vals).reshape(*lead, self.d_sae)
         if active_groups is not None:
             if not isinstance(self, MatryoshkaSAE):

@@ -178,6 +178,52 @@ def select_topk(z: Tensor, k: int) -> Selection:
     return Selection(rows, cols.reshape(-1), offsets, m, values.reshape(-1), z, _version(z))
 
 
+# `encode_topk`'s blocks of rows: a block's pre-activations (rows x M values) about this many bytes, so that
+# the top-k reads them from the cache the GEMM just wrote them to (the L3 here: bench/RESULTS.md "The
+# encoder GEMM and the top-k in blocks of rows"); at least this many rows, below which the GEMMs lose
+# their efficiency and the per-block calls cost more than they save.
+ENCODE_BLOCK_BYTES = 6 << 20
+ENCODE_MIN_BLOCK_ROWS = 256
+
+
+def encode_block_rows(m: int, itemsize: int) -> int:
+    """Rows per block of `encode_topk` for M = m latents of `itemsize` bytes."""
+    return max(ENCODE_MIN_BLOCK_ROWS, ENCODE_BLOCK_BYTES // max(1, m * itemsize))
+
+
+@torch.no_grad()
+def encode_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Selection:
+    """Per-row TopK of z = x_c @ w_enc.T + b_enc (x_c [B, d], w_enc [M, d], b_enc [M]) without the
+    [B, M] matrix z: the GEMM runs over blocks of rows, and each block's top-k (with b_enc added on the
+    way, `sae.native.row_topk`) reads it while it is still in the cache. On the CPU, a TopK step's
+    GEMM then stops writing and reading back B x M values: at 12,288 latents in bf16 that was most of
+    its time (bench/RESULTS.md). The matmul runs in the CPU autocast dtype where autocast is on (as
+    F.linear would), else in x_c's; the kept values are in that dtype, z + b_enc rounded to it, and
+    form the Selection's `values` (for `gather_preacts` with z=None). Exact: the kept entries are a
+    top-k of each row of that z (ties at the cut aside)."""
+    b, _ = x_c.shape
+    m = w_enc.shape[0]
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_c.dtype
+    if x_c.device.type != "cpu":
+        raise ValueError(f"encode_topk runs on the CPU (got {x_c.device}); elsewhere compute z and `select_topk`")
+    with torch.autocast("cpu", enabled=False):
+        x = x_c.detach().to(dtype)
+        w_t = w_enc.detach().to(dtype).t()
+        bias = b_enc.detach().to(torch.float32)
+        values = torch.empty((b, k), dtype=dtype)
+        cols = torch.empty((b, k), dtype=torch.int64)
+        rows_per_block = min(b, encode_block_rows(m, values.element_size()))
+        block = torch.empty((rows_per_block, m), dtype=dtype)  # reused: a fresh one a block would fault in pages
+        for r0 in range(0, b, rows_per_block):
+            r1 = min(b, r0 + rows_per_block)
+            z = torch.mm(x[r0:r1], w_t, out=block[: r1 - r0])
+            if native.row_topk(z, k, bias, out=(values[r0:r1], cols[r0:r1])) is None:
+                z += bias  # the torch path: no kernel here, or a NaN in z (torch.topk's rule for it applies)
+                values[r0:r1], cols[r0:r1] = row_topk(z, k)
+    rows = torch.arange(b).repeat_interleave(k)
+    return Selection(rows, cols.reshape(-1), torch.arange(0, b * k, k), m, values.reshape(-1))
+
+
 @torch.no_grad()
 def select_flat(flat: Tensor, shape: tuple[int, int]) -> Selection:
     """From flat indices into a [B, M] matrix (any order) -> row-major Selection."""
@@ -254,6 +300,16 @@ def select_dead_topk(z: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
     dead_cols = dead_mask.nonzero().squeeze(1)
     sub = select_topk(z.index_select(1, dead_cols), k_aux)
     return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, z.shape[1], sub.values, z, _version(z))
+
+
+@torch.no_grad()
+def select_dead_topk_encoded(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, dead_mask: Tensor, k_aux: int) -> Selection:
+    """`select_dead_topk` where no [B, M] z was kept (`encode_topk`): the dead latents' pre-activations
+    x_c @ w_enc[dead].T + b_enc[dead] are computed for the search, a GEMM over the dead rows only, and
+    the kept ones are the Selection's `values` (for `gather_preacts` with z=None)."""
+    dead_cols = dead_mask.nonzero().squeeze(1)
+    sub = encode_topk(x_c, w_enc.detach()[dead_cols], b_enc.detach()[dead_cols], k_aux)
+    return Selection(sub.rows, dead_cols[sub.cols], sub.offsets, w_enc.shape[0], sub.values)
 
 
 @torch.no_grad()

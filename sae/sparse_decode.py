@@ -54,7 +54,7 @@ class _GatherPreacts(torch.autograd.Function):
     def forward(ctx, z, x_c, w_enc, b_enc, centre, sel):  # noqa: D401
         ctx.save_for_backward(x_c, w_enc)
         ctx.sel = sel  # not saved_tensors: its tensors carry no gradient, and it caches its sort
-        kept = sel.values_for(z)
+        kept = sel.values if z is None else sel.values_for(z)
         return z[sel.rows, sel.cols] if kept is None else kept.clone()
 
     @staticmethod
@@ -80,16 +80,19 @@ class _GatherPreacts(torch.autograd.Function):
         return None, g_x, g_w, g_b, g_centre, None
 
 
-def gather_preacts(z: Tensor, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor,
+def gather_preacts(z: Tensor | None, sel: Selection, x_c: Tensor, w_enc: Tensor, b_enc: Tensor,
                    centre: Tensor | None = None) -> Tensor:
     """The kept pre-activations [N] of z = x_c @ w_enc.T + b_enc (`sel.values` where the selection
-    kept them from this very z, else read from z).
+    kept them from this very z, or where z is None: a selection that computed them without z,
+    `sae.selection.encode_topk`; else read from z).
 
     z [B, M]: if it carries gradient (the dense path), this is plain indexing and autograd runs the
     dense backward; if not (the sparse path), gradient reaches x_c [B, d], w_enc [M, d] and b_enc [M]
     through the sparse backward above. centre [d]: x_c was computed as x - centre from an x without
     gradient (x_c itself carries none); centre then gets its gradient without the [B, d] one of x_c."""
-    if z.requires_grad:
+    if z is None and sel.values is None:
+        raise ValueError("gather_preacts: without z the selection must carry the kept values (sel.values)")
+    if z is not None and z.requires_grad:
         return z[sel.rows, sel.cols]
     if centre is not None and x_c.requires_grad:
         raise ValueError("gather_preacts: pass centre only with an x_c that carries no gradient (x - centre, "

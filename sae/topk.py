@@ -30,7 +30,7 @@ from sae.auxk import auxk_global_share, auxk_loss
 from sae.base import BaseSAE, SAEConfig, default_aux_k, kaiming_unit_rows
 from sae.collective import GlobalBatch
 from sae.registry import register
-from sae.selection import Selection, select_topk
+from sae.selection import Selection, encode_topk, select_topk
 from sae.sparse_decode import decode_selected, densify, gather_preacts
 from sae.squared_error import centred_sum_of_squares, squared_error_sum
 
@@ -79,30 +79,45 @@ class TopKSAE(BaseSAE):
         return squared_error_sum(target, recon) / target.shape[0]
 
     # ---- encode / forward ----------------------------------------------------------------
-    def encode_selection(self, xn: Tensor) -> tuple[Selection, Tensor, Tensor, Tensor, Tensor | None]:
+    def encode_selection(self, xn: Tensor, keep_preacts: bool = True,
+                         ) -> tuple[Selection, Tensor, Tensor | None, Tensor, Tensor | None]:
         """Normalised x [B, d_in] -> (selection, kept values [N] after ReLU, pre-activations z
-        [B, d_sae], centred input x_c [B, d_in], centre). centre is b_dec where x_c = xn - b_dec
+        [B, d_sae] or None, centred input x_c [B, d_in], centre). centre is b_dec where x_c = xn - b_dec
         was computed without b_dec's graph (the sparse path on data, see `gather_preacts`), for
-        every later `gather_preacts` of this x_c to pass on; else None (x_c carries it)."""
+        every later `gather_preacts` of this x_c to pass on; else None (x_c carries it).
+        keep_preacts=False: the caller needs no z, and where the fused encoder applies (`_fused_encode`)
+        none is made (z is None)."""
         centre = None
-        if self.impl == "sparse" and torch.is_grad_enabled():
-            if not xn.requires_grad and self.b_dec.requires_grad:
-                centre, x_c = self.b_dec, xn - self.b_dec.detach()
-            else:
-                x_c = xn - self.b_dec
+        sparse_grad = self.impl == "sparse" and torch.is_grad_enabled()
+        if sparse_grad and not xn.requires_grad and self.b_dec.requires_grad:
+            centre, x_c = self.b_dec, xn - self.b_dec.detach()
+        else:
+            x_c = xn - self.b_dec
+        if not keep_preacts and self._fused_encode(xn):
+            sel = encode_topk(x_c, self.W_enc, self.b_enc, self.cfg.k)
+            vals = torch.relu(gather_preacts(None, sel, x_c, self.W_enc, self.b_enc, centre))
+            return sel, vals, None, x_c, centre
+        if sparse_grad:
             with torch.no_grad():  # the kept entries re-enter autograd through gather_preacts
                 z = F.linear(x_c, self.W_enc, self.b_enc)
         else:
-            x_c = xn - self.b_dec
             z = F.linear(x_c, self.W_enc, self.b_enc)
         sel = self.select(z.detach())
         vals = torch.relu(gather_preacts(z, sel, x_c, self.W_enc, self.b_enc, centre))
         return sel, vals, z, x_c, centre
 
+    def _fused_encode(self, xn: Tensor) -> bool:
+        """Whether `encode_topk` (the GEMM and the per-row top-k in blocks, no [B, d_sae] matrix) serves
+        this encoder: the per-token TopK selection on the sparse path, on the CPU, in float32 or bf16."""
+        return (type(self).select is TopKSAE.select and self.impl == "sparse" and xn.device.type == "cpu"
+                and self.W_enc.dtype in (torch.float32, torch.bfloat16))
+
     def _forward_normalised(self, xn: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
-        sel, vals, z, x_c, centre = self.encode_selection(xn)
+        sel, vals, z, x_c, centre = self.encode_selection(xn, keep_preacts=dense_acts)
         out = {"target": xn, **self._decode_out(sel, vals)}
-        out.update(pre_acts=z, sae_in=x_c, sel_idx=sel.cols, sel_val=vals, sel_rows=sel.rows, sel_offsets=sel.offsets)
+        out.update(sae_in=x_c, sel_idx=sel.cols, sel_val=vals, sel_rows=sel.rows, sel_offsets=sel.offsets)
+        if z is not None:
+            out["pre_acts"] = z
         if centre is not None:
             out["sae_in_centre"] = centre
         if dense_acts:
@@ -120,7 +135,9 @@ class TopKSAE(BaseSAE):
         """Raw x [B, d_in] -> dict (normalised units): `target`, `sae_out` [B, d_in];
         `feature_acts` [B, d_sae] unless dense_acts=False; the kept entries as a flat row-major
         list `sel_idx`, `sel_val`, `sel_rows` [N] with `sel_offsets` [B] (per-token TopK also
-        `top_idx`, `top_val` [B, k]); `pre_acts` [B, d_sae] and `sae_in` [B, d_in] for AuxK."""
+        `top_idx`, `top_val` [B, k]); `sae_in` [B, d_in] and `pre_acts` [B, d_sae] for AuxK, the
+        latter unless dense_acts=False let the fused CPU encoder skip it (`_fused_encode`: AuxK then
+        computes the dead latents' own)."""
         if x.dim() != 2:
             raise ValueError(f"forward takes a batch of tokens [B, {self.d_in}], got shape {tuple(x.shape)}")
         return self._forward_normalised(self._prepare(x), dense_acts)
@@ -129,7 +146,7 @@ class TopKSAE(BaseSAE):
         """Raw x [..., d_in] -> latents [..., d_sae]."""
         xn = self._prepare(x)
         lead = xn.shape[:-1]
-        sel, vals, *_ = self.encode_selection(xn.reshape(-1, self.d_in))
+        sel, vals, *_ = self.encode_selection(xn.reshape(-1, self.d_in), keep_preacts=False)
         return densify(sel, vals).reshape(*lead, self.d_sae)
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -41,11 +41,17 @@ def _threads(work: int) -> int:
     return torch.get_num_threads() if work >= 1 << 18 else 1
 
 
-def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+def row_topk(z: Tensor, k: int, bias: Tensor | None = None, out: tuple[Tensor, Tensor] | None = None,
+             ) -> tuple[Tensor, Tensor] | None:
     """(values [B, k] in z's dtype, column indices [B, k] int64) of a top-k of each row of z [B, M] on
     the CPU, in no order within a row; None where the kernel does not apply (not a float32 or bfloat16
     CPU matrix, no library, a NaN in z: torch.topk ranks NaN first, and the caller's torch path keeps
-    that rule)."""
+    that rule).
+
+    bias [M] float32: the top-k of z + bias instead, each sum taken in float32 and the kept ones
+    rounded to z's dtype (rounding keeps the order, so they are a top-k of the rounded sums too); the
+    bias is added in the core's cache, not as a pass over z. out: contiguous [B, k] tensors of those
+    dtypes to write into (a caller filling a larger result block by block)."""
     lib = library()
     if lib is None or z.device.type != "cpu" or z.dtype not in _DTYPES or z.dim() != 2:
         return None
@@ -54,13 +60,22 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
         return None
     if z.stride(1) != 1 or z.requires_grad:
         z = z.detach().contiguous()
-    values = torch.empty((b, k), dtype=z.dtype)
-    indices = torch.empty((b, k), dtype=torch.int64)
+    if bias is not None:
+        if bias.shape != (m,) or bias.device.type != "cpu":
+            raise ValueError(f"row_topk: bias must be a CPU vector of the {m} columns, got shape {tuple(bias.shape)}")
+        bias = bias.detach().to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty((b, k), dtype=z.dtype), torch.empty((b, k), dtype=torch.int64)
+    values, indices = out
+    if (values.shape != (b, k) or indices.shape != (b, k) or values.dtype != z.dtype or indices.dtype != torch.int64
+            or not values.is_contiguous() or not indices.is_contiguous()):
+        raise ValueError(f"row_topk: out must be contiguous [{b}, {k}] tensors of {z.dtype} and int64")
     if b == 0:
         return values, indices
     with record_function("sae::row_topk"):  # a name for the profiler, which sees no aten op here
         status = lib.sae_row_topk(
             ctypes.c_void_p(z.data_ptr()), _DTYPES[z.dtype], b, m, z.stride(0), k, block_width(m, k),
+            None if bias is None else ctypes.c_void_p(bias.data_ptr()),
             ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(indices.data_ptr()), _threads(b * m),
         )
     if status == -1:

@@ -31,7 +31,7 @@ def _load(path: Path) -> ctypes.CDLL:
     (a file of another build or a truncated one under the cache's name)."""
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.sae_row_topk.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.sae_row_topk.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.sae_row_topk.restype = ctypes.c_int
     lib.sae_gather_dot.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
     lib.sae_gather_dot.restype = ctypes.c_int

@@ -32,6 +32,15 @@ static inline float bf16_value(uint16_t h) {
 
 static inline float f32_value(float y) { return y; }
 
+/* Round to nearest even, as torch's float -> bfloat16 conversion does (NaN never reaches it here). */
+static inline uint16_t bf16_of(float y) {
+    uint32_t u;
+    memcpy(&u, &y, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float f32_of(float y) { return y; }
+
 /* Unsigned keys in the order of the floats (-0 just below +0); NaN never reaches them. */
 static inline uint32_t key_of(float y) {
     uint32_t u;
@@ -97,66 +106,72 @@ static uint32_t keep_largest(uint32_t *key, int32_t *ix, int64_t n, int64_t k, i
     return lo;
 }
 
-/* One row of m values of type T (m = width * nb + tail): writes the k kept column indices to out_idx
-   and their values (as T) to out_val. Returns 1 on NaN. See `strided_block_topk` in sae/selection.py
-   for why the blocks are strided and why their search is exact; here both passes run over one row
-   while it sits in the core's cache. */
-#define ROW_SELECT(NAME, T, VALUE)                                                                         \
-    static int NAME(const T *x, int64_t m, int64_t k, int64_t width, const struct scratch *s, T *out_val, \
-                    int64_t *out_idx) {                                                                  \
-        int64_t nb = m / width;                                                                          \
-        float *mx = s->mx;                                                                               \
-        for (int64_t c = 0; c < nb; c++) mx[c] = VALUE(x[c]);                                            \
-        for (int64_t j = 1; j < width; j++) {                                                            \
-            const T *r = x + j * nb;                                                                     \
-            for (int64_t c = 0; c < nb; c++) { /* NaN sticks in mx[c], whatever follows it */             \
-                float y = VALUE(r[c]);                                                                   \
-                mx[c] = (y > mx[c] || y != y) ? y : mx[c];                                               \
-            }                                                                                            \
-        }                                                                                                \
-        int nan = 0;                                                                                     \
-        for (int64_t c = 0; c < nb; c++) {                                                               \
-            nan |= mx[c] != mx[c];                                                                       \
-            s->key[c] = key_of(mx[c]);                                                                   \
-        }                                                                                                \
-        if (nan) return 1;                                                                               \
-        uint32_t t = threshold(s->key, nb, k, k / 4);                                                    \
-        int64_t n = 0;                                                                                   \
-        for (int64_t c = 0; c < nb; c++) { /* the blocks whose maximum reaches t */                      \
-            s->blocks[n] = (int32_t)c;                                                                   \
-            n += s->key[c] >= t;                                                                         \
-        }                                                                                                \
-        int64_t n_blocks = n;                                                                            \
-        n = 0;                                                                                           \
-        for (int64_t q = 0; q < n_blocks; q++) {                                                         \
-            int64_t c = s->blocks[q];                                                                    \
-            for (int64_t j = 0; j < width; j++) {                                                        \
-                uint32_t kk = key_of(VALUE(x[j * nb + c]));                                              \
-                s->key[n] = kk;                                                                          \
-                s->ix[n] = (int32_t)(j * nb + c);                                                        \
-                n += kk >= t;                                                                            \
-            }                                                                                            \
-        }                                                                                                \
-        for (int64_t j = width * nb; j < m; j++) { /* the tail no block covers */                        \
-            float y = VALUE(x[j]);                                                                       \
-            if (y != y) return 1;                                                                        \
-            s->key[n] = key_of(y);                                                                       \
-            s->ix[n] = (int32_t)j;                                                                       \
-            n += s->key[n] >= t;                                                                         \
-        }                                                                                                \
-        if (n > k) keep_largest(s->key, s->ix, n, k, s->tie_ix);                                         \
-        for (int64_t q = 0; q < k; q++) {                                                                \
-            out_idx[q] = s->ix[q];                                                                       \
-            out_val[q] = x[s->ix[q]];                                                                    \
-        }                                                                                                \
-        return 0;                                                                                        \
+/* The value at column i of the row being searched (with its bias where the instance adds one). */
+#define AT(VALUE, BIAS, i) ((BIAS) ? VALUE(x[i]) + bias[i] : VALUE(x[i]))
+
+/* One row of m values of type T (m = width * nb + tail), each plus bias[column] where BIAS is 1: writes
+   the k kept column indices to out_idx and their values (as T, rounded by STORE) to out_val. Returns 1
+   on NaN. See `strided_block_topk` in sae/selection.py for why the blocks are strided and why their
+   search is exact; here both passes run over one row while it sits in the core's cache. BIAS is a
+   constant of each instance, so the version without bias does not pay for it. */
+#define ROW_SELECT(NAME, T, VALUE, STORE, BIAS)                                               \
+    static int NAME(const T *x, const float *bias, int64_t m, int64_t k, int64_t width,       \
+                    const struct scratch *s, T *out_val, int64_t *out_idx) {                  \
+        int64_t nb = m / width;                                                               \
+        float *mx = s->mx;                                                                    \
+        for (int64_t c = 0; c < nb; c++) mx[c] = AT(VALUE, BIAS, c);                          \
+        for (int64_t j = 1; j < width; j++) {                                                 \
+            for (int64_t c = 0; c < nb; c++) { /* NaN sticks in mx[c], whatever follows it */ \
+                float y = AT(VALUE, BIAS, j * nb + c);                                        \
+                mx[c] = (y > mx[c] || y != y) ? y : mx[c];                                    \
+            }                                                                                 \
+        }                                                                                     \
+        int nan = 0;                                                                          \
+        for (int64_t c = 0; c < nb; c++) {                                                    \
+            nan |= mx[c] != mx[c];                                                            \
+            s->key[c] = key_of(mx[c]);                                                        \
+        }                                                                                     \
+        if (nan) return 1;                                                                    \
+        uint32_t t = threshold(s->key, nb, k, k / 4);                                         \
+        int64_t n = 0;                                                                        \
+        for (int64_t c = 0; c < nb; c++) { /* the blocks whose maximum reaches t */           \
+            s->blocks[n] = (int32_t)c;                                                        \
+            n += s->key[c] >= t;                                                              \
+        }                                                                                     \
+        int64_t n_blocks = n;                                                                 \
+        n = 0;                                                                                \
+        for (int64_t q = 0; q < n_blocks; q++) {                                              \
+            int64_t c = s->blocks[q];                                                         \
+            for (int64_t j = 0; j < width; j++) {                                             \
+                uint32_t kk = key_of(AT(VALUE, BIAS, j * nb + c));                            \
+                s->key[n] = kk;                                                               \
+                s->ix[n] = (int32_t)(j * nb + c);                                             \
+                n += kk >= t;                                                                 \
+            }                                                                                 \
+        }                                                                                     \
+        for (int64_t j = width * nb; j < m; j++) { /* the tail no block covers */             \
+            float y = AT(VALUE, BIAS, j);                                                     \
+            if (y != y) return 1;                                                             \
+            s->key[n] = key_of(y);                                                            \
+            s->ix[n] = (int32_t)j;                                                            \
+            n += s->key[n] >= t;                                                              \
+        }                                                                                     \
+        if (n > k) keep_largest(s->key, s->ix, n, k, s->tie_ix);                              \
+        for (int64_t q = 0; q < k; q++) {                                                     \
+            out_idx[q] = s->ix[q];                                                            \
+            out_val[q] = BIAS ? STORE(AT(VALUE, BIAS, s->ix[q])) : x[s->ix[q]];               \
+        }                                                                                     \
+        return 0;                                                                             \
     }
 
-ROW_SELECT(row_select_f32, float, f32_value)
-ROW_SELECT(row_select_bf16, uint16_t, bf16_value)
+ROW_SELECT(row_select_f32, float, f32_value, f32_of, 0)
+ROW_SELECT(row_select_bf16, uint16_t, bf16_value, bf16_of, 0)
+ROW_SELECT(row_select_f32_bias, float, f32_value, f32_of, 1)
+ROW_SELECT(row_select_bf16_bias, uint16_t, bf16_value, bf16_of, 1)
 
 struct job {
     const char *x;
+    const float *bias;
     int bf16;
     int64_t row0, row1, m, row_stride, k, width;
     char *out_val;
@@ -177,10 +192,17 @@ static void *run_job(void *arg) {
             const char *row = jb->x + r * jb->row_stride * size;
             char *out = jb->out_val + r * jb->k * size;
             int64_t *out_idx = jb->out_idx + r * jb->k;
-            int nan = jb->bf16 ? row_select_bf16((const uint16_t *)row, jb->m, jb->k, jb->width, &s,
-                                                 (uint16_t *)out, out_idx)
-                               : row_select_f32((const float *)row, jb->m, jb->k, jb->width, &s, (float *)out,
-                                                out_idx);
+            const float *b = jb->bias;
+            int nan;
+            if (jb->bf16) {
+                const uint16_t *xr = (const uint16_t *)row;
+                nan = b ? row_select_bf16_bias(xr, b, jb->m, jb->k, jb->width, &s, (uint16_t *)out, out_idx)
+                        : row_select_bf16(xr, b, jb->m, jb->k, jb->width, &s, (uint16_t *)out, out_idx);
+            } else {
+                const float *xr = (const float *)row;
+                nan = b ? row_select_f32_bias(xr, b, jb->m, jb->k, jb->width, &s, (float *)out, out_idx)
+                        : row_select_f32(xr, b, jb->m, jb->k, jb->width, &s, (float *)out, out_idx);
+            }
             if (nan) {
                 jb->status = 1;
                 break;
@@ -196,16 +218,18 @@ static void *run_job(void *arg) {
 }
 
 /* The top-k of each of `rows` rows of m values (row r at x + r * row_stride elements, columns
-   contiguous), on n_threads threads. out_val [rows, k] in x's format, out_idx [rows, k] int64.
-   Returns 0, 1 if a row holds NaN (the outputs are then incomplete), -1 if memory ran out, -2 if k > m. */
+   contiguous), each value plus bias[column] where bias (m float32) is not NULL, on n_threads threads.
+   out_val [rows, k] in x's format (with the bias: the float32 sum rounded to it), out_idx [rows, k]
+   int64. Returns 0, 1 if a row holds NaN (the outputs are then incomplete), -1 if memory ran out, -2 if
+   k > m. */
 int sae_row_topk(const void *x, int bf16, int64_t rows, int64_t m, int64_t row_stride, int64_t k, int64_t width,
-                 void *out_val, int64_t *out_idx, int n_threads) {
+                 const float *bias, void *out_val, int64_t *out_idx, int n_threads) {
     if (k <= 0 || rows <= 0) return 0;
     if (k > m || width < 1 || m / width < k || m >= INT32_MAX) return -2;
     n_threads = sae_threads(n_threads, rows);
     struct job jobs[SAE_MAX_THREADS];
     for (int i = 0; i < n_threads; i++)
-        jobs[i] = (struct job){(const char *)x, bf16, rows * i / n_threads, rows * (i + 1) / n_threads, m,
+        jobs[i] = (struct job){(const char *)x, bias, bf16, rows * i / n_threads, rows * (i + 1) / n_threads, m,
                                row_stride, k, width, (char *)out_val, out_idx, 0};
     sae_run_parallel(run_job, jobs, sizeof jobs[0], n_threads);
     int status = 0;

@@ -11,11 +11,15 @@ from sae.auxk import auxk_loss
 from sae.topk import TopKSAE
 
 
-@pytest.fixture(params=[False, True], ids=["dead-columns", "sync-free"], autouse=True)
+@pytest.fixture(params=["dead-columns", "sync-free", "fused-encoder"], autouse=True)
 def selection_path(request, monkeypatch):
-    """Every test runs on both AuxK selections: the CPU's top-k over the dead columns and the GPU's
-    fixed-shape masked top-k (forced here on the CPU)."""
-    monkeypatch.setattr(sae.topk, "auxk_loss", functools.partial(auxk_loss, sync_free=request.param))
+    """Every test runs on each AuxK selection: the CPU's top-k over the dead columns of a kept z, the
+    GPU's fixed-shape masked top-k (forced here on the CPU), and the dead latents' own GEMM where the
+    forward kept no z (the trainer's `dense_acts=False` on the CPU's fused encoder)."""
+    monkeypatch.setattr(sae.topk, "auxk_loss", functools.partial(auxk_loss, sync_free=request.param == "sync-free"))
+    if request.param == "fused-encoder":
+        forward = TopKSAE.forward
+        monkeypatch.setattr(TopKSAE, "forward", lambda self, x, dense_acts=True: forward(self, x, dense_acts=False))
     return request.param
 
 
@@ -47,11 +51,13 @@ def reference_auxk(model: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: i
 
 @pytest.mark.parametrize("impl", ["sparse", "dense"])
 @pytest.mark.parametrize("n_dead,aux_k", [(10, 3), (2, 3)], ids=["k_aux=aux_k", "k_aux=|D|"])
-def test_auxk_value_matches_reference(impl, n_dead, aux_k):
+def test_auxk_value_matches_reference(impl, n_dead, aux_k, selection_path):
     model, x = model_and_batch(impl, aux_k)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[torch.randperm(32)[:n_dead]] = True
-    terms = model.loss(model(x), dead_mask=dead)
+    out = model(x)
+    assert ("pre_acts" in out) == (impl == "dense" or selection_path != "fused-encoder")  # the path under test
+    terms = model.loss(out, dead_mask=dead)
     ref = reference_auxk(model, x, dead, min(aux_k, n_dead))
     assert terms["auxk"].item() == pytest.approx(ref.item(), rel=1e-5)
     assert terms["total"].item() == pytest.approx((terms["mse"] + terms["auxk"] / 32).item(), rel=1e-6)

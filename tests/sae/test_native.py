@@ -214,3 +214,38 @@ def test_native_can_be_switched_off(monkeypatch):
         assert build.library() is None
     finally:
         build.library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(3072, 32), (3001, 7), (40, 33)])
+def test_the_bias_is_added_before_the_search_and_the_kept_sums_rounded_to_zs_dtype(dtype, m, k):
+    torch.manual_seed(m + k)
+    z = (torch.randn(19, m) * 2).to(dtype)
+    bias = torch.randn(m) * 3  # large against z: the search without it would keep other columns
+    summed = (z.float() + bias).to(dtype)  # the definition: a float32 sum, rounded once to z's dtype
+    values, idx = native.row_topk(z, k, bias)
+    assert values.dtype == dtype
+    assert torch.equal(summed.gather(1, idx), values)  # the kept values are the rounded sums
+    ref = summed.float().topk(k, dim=1).values  # independent: torch's top-k of the rounded sums
+    assert torch.equal(values.float().sort(dim=1, descending=True).values, ref)
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()
+    out = torch.empty(19, k, dtype=dtype), torch.empty(19, k, dtype=torch.int64)
+    assert native.row_topk(z, k, bias, out=out)[0] is out[0]  # written into the caller's tensors
+    assert torch.equal(out[0], values) and torch.equal(out[1], idx)
+
+
+def test_a_bias_of_the_wrong_length_or_an_unfit_out_is_refused():
+    z = torch.randn(4, 300)
+    with pytest.raises(ValueError, match="bias must be a CPU vector of the 300 columns"):
+        native.row_topk(z, 5, torch.zeros(299))
+    with pytest.raises(ValueError, match=r"out must be contiguous \[4, 5\] tensors of torch.float32 and int64"):
+        native.row_topk(z, 5, out=(torch.empty(4, 5, dtype=torch.bfloat16), torch.empty(4, 5, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        native.row_topk(z, 5, out=(torch.empty(5, 4).t(), torch.empty(4, 5, dtype=torch.int64)))
+
+
+def test_nan_in_the_sum_falls_back_to_torch():
+    z = torch.randn(3, 300)
+    bias = torch.zeros(300)
+    bias[7] = float("nan")
+    assert native.row_topk(z, 5, bias) is None

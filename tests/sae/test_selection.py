@@ -109,3 +109,44 @@ def test_row_topk_takes_a_transposed_matrix():
     torch.manual_seed(6)
     z = torch.randn(2048, 10).t()  # [10, 2048], not contiguous
     _check_exact(z, row_topk(z, 16)[1], 16)
+
+
+def _encode_reference(x, w, b, dtype):
+    """z = x @ w.T + b as the fused encoder defines it: the product in `dtype`, the bias added in float32,
+    the sum rounded to `dtype` (written out here, not taken from the code under test)."""
+    return ((x.to(dtype) @ w.to(dtype).T).float() + b).to(dtype)
+
+
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_topk_keeps_a_top_k_of_each_row_of_z_through_blocks_of_rows(monkeypatch, native_kernel, dtype):
+    import sae.selection
+    from sae.selection import encode_topk
+
+    if not native_kernel:
+        monkeypatch.setattr(sae.selection.native, "row_topk", lambda *args, **kwargs: None)
+    # blocks of 256 rows of 600 latents: 700 rows are two whole blocks and a partial one
+    monkeypatch.setattr(sae.selection, "ENCODE_BLOCK_BYTES", 256 * 600 * 2)
+    torch.manual_seed(3)
+    x, w, b, k = torch.randn(700, 24), torch.randn(600, 24), torch.randn(600), 9
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        sel = encode_topk(x, w, b, k)
+    z = _encode_reference(x, w, b, dtype)
+    cols, values = sel.cols.view(700, k), sel.values.view(700, k)
+    assert values.dtype == dtype and sel.n_latents == 600 and sel.values_from is None
+    assert torch.equal(z.gather(1, cols), values)  # the kept values are z's at the kept columns
+    _check_exact(z, cols, k)
+    assert torch.equal(sel.rows, torch.arange(700).repeat_interleave(k))
+    assert torch.equal(sel.offsets, torch.arange(0, 700 * k, k))
+
+
+def test_encode_topk_ranks_nan_first_as_torch_topk_does():
+    from sae.selection import encode_topk
+
+    x, w, b = torch.randn(5, 8), torch.randn(300, 8), torch.zeros(300)
+    x[2, 0] = float("nan")  # the whole row of z is NaN
+    b[17] = float("nan")  # column 17 is NaN in every row
+    sel = encode_topk(x, w, b, 4)
+    cols, values = sel.cols.view(5, 4), sel.values.view(5, 4)
+    assert (cols[[0, 1, 3, 4]] == 17).any(dim=1).all()  # the NaN column is kept in every other row
+    assert values[2].isnan().all()

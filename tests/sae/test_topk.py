@@ -113,3 +113,31 @@ def test_topk_learns_known_dictionary():
         fvu, recovery = heldout_fvu(model, x[36_000:]), feature_recovery(model.W_dec, dictionary)
     print(f"TopK: FVU {fvu:.3f}, recovery {recovery:.3f}")
     assert fvu < 0.1 and recovery >= 0.8
+
+
+def test_the_fused_cpu_encoder_gives_the_step_the_same_loss_and_gradients(monkeypatch):
+    """dense_acts=False on the CPU: no [B, M] z (encode_topk); in float32 the same selection, loss and
+    gradients as the path that keeps z (forced here). In bf16 the two round z differently (the fused
+    one adds the bias in float32 after the product's rounding), so near-ties at the cut may go either
+    way: tests/sae/test_selection.py checks its selection against its definition, and
+    tests/train/test_precision.py the quality of bf16 training, which runs through it."""
+    torch.manual_seed(8)
+    x = torch.randn(300, 16) * 2
+    grads, outs = {}, {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(TopKSAE, "_fused_encode", lambda self, xn: False)
+        torch.manual_seed(9)
+        model = TopKSAE(SAEConfig(type="topk", hidden_size=16, latent_size=512, k=6))
+        with torch.no_grad():
+            model.b_enc.copy_(torch.randn(512) * 0.5)
+            model.b_dec.copy_(torch.randn(16) * 0.3)
+        out = model(x, dense_acts=False)
+        model.loss(out)["total"].backward()
+        assert ("pre_acts" in out) == (not fused)  # the path under test
+        outs[fused] = out
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(outs[True]["top_idx"].sort(1).values, outs[False]["top_idx"].sort(1).values)
+    assert torch.allclose(outs[True]["sae_out"], outs[False]["sae_out"], rtol=1e-5, atol=1e-6)
+    for n in grads[True]:
+        assert torch.allclose(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6), n

@@ -50,8 +50,10 @@ def test_the_optimizer_is_fused_adam_with_the_configured_hyperparameters():
 
 def test_a_topk_step_on_the_gpu_path_never_syncs_host_and_device(monkeypatch):
     monkeypatch.setattr(sae.topk, "auxk_loss", functools.partial(auxk_loss, sync_free=True))
-    # CUDA's selection is torch.topk: keep the CPU's C kernel (sae.native) out of the path checked here
-    monkeypatch.setattr(sae.selection.native, "row_topk", lambda z, k: None)
+    # CUDA's selection is torch.topk over a kept z: keep the CPU's C kernel (sae.native) and its fused
+    # encoder (no z) out of the path checked here
+    monkeypatch.setattr(sae.selection.native, "row_topk", lambda z, k, *args, **kwargs: None)
+    monkeypatch.setattr(sae.topk.TopKSAE, "_fused_encode", lambda self, xn: False)
     model = _topk()
     t = TrainingConfig(batch_size=128, steps=100, lr=1e-3, dtype="float32", log_every=1000,
                        dead_feature_threshold=1)  # every latent that missed one batch is dead: AuxK runs
