@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sae import BaseSAE
 from settings import TrainingConfig
+from train.allocator import retain_freed_memory
 from train.data import rows_on
 from train.distributed import DataParallel
 from train.plan import RunPlan
@@ -94,6 +95,8 @@ class Stepper:
     def from_config(cls, sae: BaseSAE, optimizer: torch.optim.Optimizer, plan: RunPlan, t: TrainingConfig,
                     device: torch.device, dp: DataParallel | None = None) -> Stepper:
         used = compute_dtype(t.dtype, device, sae.bf16_auto)
+        if device.type == "cpu":
+            retain_freed_memory()  # the step's large blocks stay in the heap between steps (train/allocator.py)
         return cls(
             sae=sae, optimizer=optimizer, plan=plan, lr=t.lr, l1_coefficient=t.l1_coefficient,
             clip_norm=t.gradient_clip_norm, normalize_decoder=t.normalize_decoder,
