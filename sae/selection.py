@@ -178,17 +178,20 @@ def select_topk(z: Tensor, k: int) -> Selection:
     return Selection(rows, cols.reshape(-1), offsets, m, values.reshape(-1), z, _version(z))
 
 
-# `encode_topk`'s blocks of rows: a block's pre-activations (rows x M values) about this many bytes, so that
-# the top-k reads them from the cache the GEMM just wrote them to (the L3 here: bench/RESULTS.md "The
-# encoder GEMM and the top-k in blocks of rows"); at least this many rows, below which the GEMMs lose
-# their efficiency and the per-block calls cost more than they save.
+# `encode_topk`'s blocks of rows in bf16: a block's pre-activations (rows x M values) about this many
+# bytes, so that the top-k reads them from the cache the GEMM just wrote them to (the L3 here), and at
+# least this many rows, below which the GEMMs lose their efficiency. float32 takes the batch in one
+# block: its GEMM is compute-bound, re-packs the weight at every call, and in blocks it lost 3-20%
+# (bench/RESULTS.md "The encoder GEMM and the top-k in blocks of rows").
 ENCODE_BLOCK_BYTES = 6 << 20
 ENCODE_MIN_BLOCK_ROWS = 256
 
 
-def encode_block_rows(m: int, itemsize: int) -> int:
-    """Rows per block of `encode_topk` for M = m latents of `itemsize` bytes."""
-    return max(ENCODE_MIN_BLOCK_ROWS, ENCODE_BLOCK_BYTES // max(1, m * itemsize))
+def encode_block_rows(m: int, dtype: torch.dtype, rows: int) -> int:
+    """Rows per block of `encode_topk` for a batch of `rows` rows and M = m latents computed in dtype."""
+    if dtype != torch.bfloat16:
+        return max(1, rows)
+    return max(1, min(rows, max(ENCODE_MIN_BLOCK_ROWS, ENCODE_BLOCK_BYTES // max(1, m * 2))))
 
 
 @torch.no_grad()
@@ -212,7 +215,7 @@ def encode_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Selection:
         bias = b_enc.detach().to(torch.float32)
         values = torch.empty((b, k), dtype=dtype)
         cols = torch.empty((b, k), dtype=torch.int64)
-        rows_per_block = min(b, encode_block_rows(m, values.element_size()))
+        rows_per_block = encode_block_rows(m, dtype, b)
         block = torch.empty((rows_per_block, m), dtype=dtype)  # reused: a fresh one a block would fault in pages
         for r0 in range(0, b, rows_per_block):
             r1 = min(b, r0 + rows_per_block)

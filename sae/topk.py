@@ -40,6 +40,12 @@ from sae.squared_error import centred_sum_of_squares, squared_error_sum
 # sparse until a measurement says otherwise.
 AUTO_SPARSE_MIN_LATENTS = {"cpu": 0, "cuda": 0}
 
+# The CPU encoder without a [B, M] matrix (`encode_topk`) where the GEMM runs in these dtypes: in bf16
+# the whole-matrix GEMM spent much of its time writing z to memory, and the blocks win (a TopK step 1.11x
+# at 3072 and 12,288 latents); in float32 the GEMM is compute-bound and the blocks or the bias in the
+# top-k won nothing (1-3% slower: bench/RESULTS.md "The encoder GEMM and the top-k in blocks of rows").
+FUSED_ENCODE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
 
 @register("TopKSAE", "topk")
 class TopKSAE(BaseSAE):
@@ -108,9 +114,12 @@ class TopKSAE(BaseSAE):
 
     def _fused_encode(self, xn: Tensor) -> bool:
         """Whether `encode_topk` (the GEMM and the per-row top-k in blocks, no [B, d_sae] matrix) serves
-        this encoder: the per-token TopK selection on the sparse path, on the CPU, in float32 or bf16."""
-        return (type(self).select is TopKSAE.select and self.impl == "sparse" and xn.device.type == "cpu"
-                and self.W_enc.dtype in (torch.float32, torch.bfloat16))
+        this encoder: the per-token TopK selection on the sparse path, on the CPU, where the GEMM runs
+        in a dtype of FUSED_ENCODE_DTYPES."""
+        if type(self).select is not TopKSAE.select or self.impl != "sparse" or xn.device.type != "cpu":
+            return False
+        autocast = torch.is_autocast_enabled("cpu")
+        return (torch.get_autocast_dtype("cpu") if autocast else xn.dtype) in FUSED_ENCODE_DTYPES
 
     def _forward_normalised(self, xn: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
         sel, vals, z, x_c, centre = self.encode_selection(xn, keep_preacts=dense_acts)

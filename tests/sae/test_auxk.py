@@ -17,7 +17,8 @@ def selection_path(request, monkeypatch):
     GPU's fixed-shape masked top-k (forced here on the CPU), and the dead latents' own GEMM where the
     forward kept no z (the trainer's `dense_acts=False` on the CPU's fused encoder)."""
     monkeypatch.setattr(sae.topk, "auxk_loss", functools.partial(auxk_loss, sync_free=request.param == "sync-free"))
-    if request.param == "fused-encoder":
+    if request.param == "fused-encoder":  # in float32 here, where the trainer keeps z: forced
+        monkeypatch.setattr(sae.topk, "FUSED_ENCODE_DTYPES", (torch.float32,))
         forward = TopKSAE.forward
         monkeypatch.setattr(TopKSAE, "forward", lambda self, x, dense_acts=True: forward(self, x, dense_acts=False))
     return request.param

@@ -125,8 +125,9 @@ def test_encode_topk_keeps_a_top_k_of_each_row_of_z_through_blocks_of_rows(monke
 
     if not native_kernel:
         monkeypatch.setattr(sae.selection.native, "row_topk", lambda *args, **kwargs: None)
-    # blocks of 256 rows of 600 latents: 700 rows are two whole blocks and a partial one
+    # bf16 in blocks of 256 rows of 600 latents: 700 rows are two whole blocks and a partial one
     monkeypatch.setattr(sae.selection, "ENCODE_BLOCK_BYTES", 256 * 600 * 2)
+    assert sae.selection.encode_block_rows(600, dtype, 700) == (256 if dtype == torch.bfloat16 else 700)
     torch.manual_seed(3)
     x, w, b, k = torch.randn(700, 24), torch.randn(600, 24), torch.randn(600), 9
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

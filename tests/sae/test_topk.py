@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import sae.topk
 from sae import SAEConfig, get
 from sae.topk import TopKSAE
 from tests.sae.synthetic import feature_recovery, fit, heldout_fvu, make_sparse_data, single_thread
@@ -116,11 +117,12 @@ def test_topk_learns_known_dictionary():
 
 
 def test_the_fused_cpu_encoder_gives_the_step_the_same_loss_and_gradients(monkeypatch):
-    """dense_acts=False on the CPU: no [B, M] z (encode_topk); in float32 the same selection, loss and
-    gradients as the path that keeps z (forced here). In bf16 the two round z differently (the fused
-    one adds the bias in float32 after the product's rounding), so near-ties at the cut may go either
-    way: tests/sae/test_selection.py checks its selection against its definition, and
+    """dense_acts=False on the CPU: no [B, M] z (encode_topk; forced here in float32, where it does not
+    pay); in float32 the same selection, loss and gradients as the path that keeps z. In bf16 the two
+    round z differently (the fused one adds the bias in float32 after the product's rounding), so
+    near-ties at the cut may go either way: tests/sae/test_selection.py checks its selection against its definition, and
     tests/train/test_precision.py the quality of bf16 training, which runs through it."""
+    monkeypatch.setattr(sae.topk, "FUSED_ENCODE_DTYPES", (torch.float32, torch.bfloat16))
     torch.manual_seed(8)
     x = torch.randn(300, 16) * 2
     grads, outs = {}, {}

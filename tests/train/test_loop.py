@@ -355,6 +355,7 @@ def test_bfloat16_on_a_bf16_cpu_autocasts_the_encoder_and_keeps_float32_master_w
                                         TrainState.fresh(128))
         want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         assert out["top_val"].dtype == want  # the encoder GEMM ran in the training dtype
+        assert ("pre_acts" in out) == (dtype == "float32")  # bf16: the fused encoder, no [B, M] matrix
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(v.dtype == torch.float32 for st in opt.state.values() for v in st.values() if v.dim() > 0)
     # bf16 rounds the pre-activations to 8 significant bits: the loss moves by well under 5%
