@@ -137,7 +137,7 @@ def gemm_flops(args: argparse.Namespace, latents: int, reps: int = 10) -> dict[s
     import torch
     import torch.nn.functional as F
 
-    from train.allocator import retain_freed_memory
+    from native.heap import retain_freed_memory
     from train.precision import bf16_autocast_available
 
     torch.set_num_threads(args.threads)

@@ -17,6 +17,8 @@
 The machine is shared, so every figure is a set of pairs measured back to back (baseline, then ours,
 the order alternating), with `sync` before each timed run so that no run pays for the last one's dirty
 pages; a ratio is the median over the pairs, and its range is shown. Outputs go to --workdir (removed).
+The process keeps freed memory in its heap as `harvest` does (native/heap.py), baselines included;
+`--heap default` leaves glibc's thresholds alone.
 
     flock /work/bench.lock .venv/bin/python bench/bench_writer.py --out bench/results/writer.json
     .venv/bin/python bench/bench_writer.py --only grid --reps 3      # one part, fewer pairs
@@ -42,6 +44,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import cache  # noqa: E402
 from cache.names import TOKEN_FIELDS  # noqa: E402
+from native.heap import retain_freed_memory  # noqa: E402
 
 QWEN3_WIDTH, QWEN3_BLOCKS = 2048, 28
 SHARD_BYTES = 48 << 20  # grid shards: the harvest default of 16,384 rows, fewer when a shard would pass this
@@ -301,12 +304,16 @@ def main() -> None:
     p.add_argument("--minilm-reps", type=int, default=5)
     p.add_argument("--workdir", default=str(ROOT / "bench" / "_work" / "writer"))
     p.add_argument("--out", default=None, help="write every figure as JSON here")
+    p.add_argument("--heap", choices=("retain", "default"), default="retain",
+                   help="retain: glibc keeps freed memory, as `harvest` sets it (native/heap.py), for the "
+                        "baselines as well; default: glibc's own thresholds")
     args = p.parse_args()
+    retained = args.heap == "retain" and retain_freed_memory()
     parts = set(args.only.split(","))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "cpus": os.cpu_count(), "token_fields": list(TOKEN_FIELDS)}
+                     "cpus": os.cpu_count(), "token_fields": list(TOKEN_FIELDS), "heap_retained": retained}
     t0 = time.perf_counter()
     try:
         if "grid" in parts:

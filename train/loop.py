@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from native.heap import retain_freed_memory
 from sae import BaseSAE
 from settings import TrainingConfig
-from train.allocator import retain_freed_memory
 from train.data import rows_on
 from train.distributed import DataParallel
 from train.plan import RunPlan
@@ -96,7 +96,7 @@ class Stepper:
                     device: torch.device, dp: DataParallel | None = None) -> Stepper:
         used = compute_dtype(t.dtype, device, sae.bf16_auto)
         if device.type == "cpu":
-            retain_freed_memory()  # the step's large blocks stay in the heap between steps (train/allocator.py)
+            retain_freed_memory()  # the step's large blocks stay in the heap between steps (native/heap.py)
         return cls(
             sae=sae, optimizer=optimizer, plan=plan, lr=t.lr, l1_coefficient=t.l1_coefficient,
             clip_norm=t.gradient_clip_norm, normalize_decoder=t.normalize_decoder,

@@ -1,4 +1,4 @@
-"""train/allocator.py: after `retain_freed_memory`, a freed large block is reused without page faults."""
+"""native/heap.py: after `retain_freed_memory`, a freed large block is reused without page faults."""
 
 import os
 import platform
@@ -16,7 +16,7 @@ CHILD = """
 import resource, sys
 import torch
 sys.path.insert(0, {root!r})
-from train.allocator import retain_freed_memory
+from native.heap import retain_freed_memory
 print("applied", retain_freed_memory() if {retain} else None)
 def round_trip():
     t = torch.empty(16 << 20, dtype=torch.float32)

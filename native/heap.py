@@ -1,13 +1,15 @@
-"""The C heap a CPU training step runs on: the memory one step frees is kept for the next.
+"""The C heap of a harvest or a training run: the memory one batch frees is kept for the next.
 
-A step allocates and frees the same large blocks every time: the encoder's pre-activations (or its
-blocks), the [B, d] temporaries of the loss, the weight gradients. glibc serves blocks above its mmap
-threshold (dynamic, from 128 KiB up to 32 MiB) with fresh mappings, unmaps them on free, and hands
-freed memory at the top of the heap back to the OS above its trim threshold, so every step faults the
-same pages in again and the kernel zeroes them. Measured on the trainer's TopK step (bench/RESULTS.md,
-"The heap"): at 12,288 latents in bf16 that was a quarter of the step. With both thresholds raised,
-those blocks come from the heap and stay there between steps: the process keeps up to
-`RETAIN_BYTES` of freed memory instead of returning it.
+A training step, or a harvest batch, allocates and frees the same large blocks every time: the
+encoder's pre-activations, the [B, d] temporaries of the loss, the weight gradients; the model's
+hidden states and the rows copied out of them. glibc serves blocks above its mmap threshold (dynamic,
+from 128 KiB up to 32 MiB) with fresh mappings, unmaps them on free, and hands freed memory at the
+top of the heap back to the OS above its trim threshold, so every step faults the same pages in
+again and the kernel zeroes them. Measured (bench/RESULTS.md, "The heap"): a quarter of the trainer's
+TopK step at 12,288 latents in bf16, a fifth at 3072 in float32; the MiniLM forward of the default
+harvest ran 1.14x with the thresholds raised. With both raised, those blocks come from the heap and
+stay there between batches: the process keeps up to `RETAIN_BYTES` of freed memory instead of
+returning it.
 
 glibc only (elsewhere, or with another malloc preloaded, it changes nothing), and never over the
 user's own setting: with MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in the environment it
