@@ -17,8 +17,8 @@
 The machine is shared, so every figure is a set of pairs measured back to back (baseline, then ours,
 the order alternating), with `sync` before each timed run so that no run pays for the last one's dirty
 pages; a ratio is the median over the pairs, and its range is shown. Outputs go to --workdir (removed).
-The process keeps freed memory in its heap as `harvest` does (native/heap.py), baselines included;
-`--heap default` leaves glibc's thresholds alone.
+`--heap retain` makes the process keep freed memory in its heap (native/heap.py, as the trainer does),
+baselines included; by default glibc's thresholds are left alone, as `harvest` leaves them.
 
     flock /work/bench.lock .venv/bin/python bench/bench_writer.py --out bench/results/writer.json
     .venv/bin/python bench/bench_writer.py --only grid --reps 3      # one part, fewer pairs
@@ -304,9 +304,9 @@ def main() -> None:
     p.add_argument("--minilm-reps", type=int, default=5)
     p.add_argument("--workdir", default=str(ROOT / "bench" / "_work" / "writer"))
     p.add_argument("--out", default=None, help="write every figure as JSON here")
-    p.add_argument("--heap", choices=("retain", "default"), default="retain",
-                   help="retain: glibc keeps freed memory, as `harvest` sets it (native/heap.py), for the "
-                        "baselines as well; default: glibc's own thresholds")
+    p.add_argument("--heap", choices=("retain", "default"), default="default",
+                   help="retain: glibc keeps freed memory (native/heap.py, as the trainer sets it; the "
+                        "harvest does not), for the baselines as well; default: glibc's own thresholds")
     args = p.parse_args()
     retained = args.heap == "retain" and retain_freed_memory()
     parts = set(args.only.split(","))

@@ -53,7 +53,6 @@ from harvest.model import (
 from harvest.packing import PackedSequence
 from harvest.tokenization import pad_id
 from harvest.windows import group_windows, plan_window
-from native.heap import retain_freed_memory
 from settings import Config, HarvestConfig, to_dict
 from settings.device import resolve_device
 
@@ -188,7 +187,6 @@ def harvest(cfg: Config, *, progress: bool = True, owns: Callable[[str, int], bo
     (harvest.distributed): only the windows it owns are harvested, and the metadata says so; `hold=False`
     leaves the output unlocked (a rank's folder: rank 0 holds the job's cache)."""
     t0 = time.perf_counter()
-    retain_freed_memory()  # each batch's hidden states and rows reuse the last one's memory (native/heap.py)
     run = _prepare(cfg)
     out = Path(cfg.harvest.output)
     with hold_output(out) if hold else contextlib.nullcontext():

@@ -10,7 +10,9 @@ once (the ranks of a data-parallel run) never load a half-written library. No bu
 time; where there is no compiler, or the build or the load fails, or SAECACHE_NATIVE=0, `load`
 returns None with one warning and callers keep their Python paths.
 
-This package imports nothing of ours, so that every other one may use it.
+`native.heap` sets the other native thing a run depends on: glibc's thresholds for returning freed
+memory, which the trainer raises. This package imports nothing of ours, so that every other one may
+use it.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def auxk_loss(
     centred it without the centre's graph), `target` and `sae_out` [B, d], and `pre_acts` [B, M] (with
     gradient on the dense path, without on the sparse one) where the forward kept them: the fused CPU
     encoder does not (`TopKSAE._fused_encode`), and the dead latents' pre-activations are then
-    computed here, a GEMM over the dead rows of w_enc only. dead_mask [M] bool.
+    computed here, a GEMM over the dead rows of w_enc only (a few percent of the encoder's GEMM in a
+    healthy run; up to all of it when every latent is dead). dead_mask [M] bool.
     sync_free: select with fixed shapes (`select_dead_topk_masked`); None = on every device but the CPU."""
     z = out.get("pre_acts")
     x_c = out["sae_in"]

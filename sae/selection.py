@@ -194,19 +194,26 @@ def encode_block_rows(m: int, dtype: torch.dtype, rows: int) -> int:
     return max(1, min(rows, max(ENCODE_MIN_BLOCK_ROWS, ENCODE_BLOCK_BYTES // max(1, m * 2))))
 
 
+def cpu_matmul_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a CPU matmul of t runs in: CPU autocast's where it is on and casts t (every floating
+    dtype but float64), else t's own."""
+    if torch.is_autocast_enabled("cpu") and t.is_floating_point() and t.dtype != torch.float64:
+        return torch.get_autocast_dtype("cpu")
+    return t.dtype
+
+
 @torch.no_grad()
 def encode_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Selection:
-    """Per-row TopK of z = x_c @ w_enc.T + b_enc (x_c [B, d], w_enc [M, d], b_enc [M]) without the
-    [B, M] matrix z: the GEMM runs over blocks of rows, and each block's top-k (with b_enc added on the
-    way, `sae.native.row_topk`) reads it while it is still in the cache. On the CPU, a TopK step's
-    GEMM then stops writing and reading back B x M values: at 12,288 latents in bf16 that was most of
-    its time (bench/RESULTS.md). The matmul runs in the CPU autocast dtype where autocast is on (as
-    F.linear would), else in x_c's; the kept values are in that dtype, z + b_enc rounded to it, and
-    form the Selection's `values` (for `gather_preacts` with z=None). Exact: the kept entries are a
-    top-k of each row of that z (ties at the cut aside)."""
+    """Per-row TopK of z = x_c @ w_enc.T + b_enc (x_c [B, d], w_enc [M, d], b_enc [M]) without the [B, M]
+    matrix z: the GEMM runs over blocks of rows, and each block's top-k (with b_enc added on the way,
+    `sae.native.row_topk`) reads it while it is still in the cache. On the CPU, a TopK step's GEMM then
+    stops writing and reading back B x M values: 1.21x at 12,288 latents in bf16 (bench/RESULTS.md). The
+    matmul runs in `cpu_matmul_dtype(x_c)`, as F.linear would; the kept values are in that dtype, z + b_enc
+    rounded to it, and form the Selection's `values` (for `gather_preacts` with z=None). Exact: the kept
+    entries are a top-k of each row of that z (ties at the cut aside)."""
     b, _ = x_c.shape
     m = w_enc.shape[0]
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_c.dtype
+    dtype = cpu_matmul_dtype(x_c)
     if x_c.device.type != "cpu":
         raise ValueError(f"encode_topk runs on the CPU (got {x_c.device}); elsewhere compute z and `select_topk`")
     with torch.autocast("cpu", enabled=False):

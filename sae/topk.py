@@ -30,7 +30,7 @@ from sae.auxk import auxk_global_share, auxk_loss
 from sae.base import BaseSAE, SAEConfig, default_aux_k, kaiming_unit_rows
 from sae.collective import GlobalBatch
 from sae.registry import register
-from sae.selection import Selection, encode_topk, select_topk
+from sae.selection import Selection, cpu_matmul_dtype, encode_topk, select_topk
 from sae.sparse_decode import decode_selected, densify, gather_preacts
 from sae.squared_error import centred_sum_of_squares, squared_error_sum
 
@@ -118,8 +118,7 @@ class TopKSAE(BaseSAE):
         in a dtype of FUSED_ENCODE_DTYPES."""
         if type(self).select is not TopKSAE.select or self.impl != "sparse" or xn.device.type != "cpu":
             return False
-        autocast = torch.is_autocast_enabled("cpu")
-        return (torch.get_autocast_dtype("cpu") if autocast else xn.dtype) in FUSED_ENCODE_DTYPES
+        return cpu_matmul_dtype(xn) in FUSED_ENCODE_DTYPES
 
     def _forward_normalised(self, xn: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
         sel, vals, z, x_c, centre = self.encode_selection(xn, keep_preacts=dense_acts)

@@ -143,3 +143,11 @@ def test_the_fused_cpu_encoder_gives_the_step_the_same_loss_and_gradients(monkey
     assert torch.allclose(outs[True]["sae_out"], outs[False]["sae_out"], rtol=1e-5, atol=1e-6)
     for n in grads[True]:
         assert torch.allclose(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6), n
+
+
+def test_a_float64_model_under_bf16_autocast_keeps_its_float64_encoder():
+    """CPU autocast leaves float64 alone, so the encoder does too: the fused bf16 path is not taken."""
+    model = TopKSAE(SAEConfig(type="topk", hidden_size=16, latent_size=256, k=4)).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(10, 16, dtype=torch.float64), dense_acts=False)
+    assert out["top_val"].dtype == torch.float64 and "pre_acts" in out
