@@ -36,7 +36,14 @@ from torch import Tensor
 from sae.base import SAEConfig
 from sae.collective import LOCAL
 from sae.registry import register
-from sae.selection import Selection, select_batch_topk, select_global_batch_topk, select_threshold, select_topk
+from sae.selection import (
+    Selection,
+    encode_batch_topk,
+    select_batch_topk,
+    select_global_batch_topk,
+    select_threshold,
+    select_topk,
+)
 from sae.topk import TopKSAE
 
 
@@ -66,6 +73,13 @@ class BatchTopKSAE(TopKSAE):
             )
             self._warned_no_threshold = True
         return select_topk(z, self.cfg.k)
+
+    def _fused_select(self, x_c: Tensor) -> Selection | None:
+        """Training's local batch-level selection without z (`encode_batch_topk`); the global one under
+        data parallelism, and inference, keep z."""
+        if type(self).select is not BatchTopKSAE.select or not self.training or self.collective.world > 1:
+            return None
+        return encode_batch_topk(x_c, self.W_enc, self.b_enc, self.cfg.k)
 
     @torch.no_grad()
     def estimate_threshold(self, out: dict[str, Tensor]) -> None:

@@ -234,6 +234,46 @@ def encode_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Selection:
     return Selection(rows, cols.reshape(-1), torch.arange(0, b * k, k), m, values.reshape(-1))
 
 
+def _encoded_rows(x: Tensor, w_enc: Tensor, b_enc: Tensor, dtype: torch.dtype) -> Tensor:
+    """z for the rows x [S, d] as `encode_topk` defines it: the product in dtype, b_enc added in float32,
+    the sum rounded to dtype."""
+    with torch.autocast("cpu", enabled=False):
+        z = torch.mm(x.detach().to(dtype), w_enc.detach().to(dtype).t())
+        return (z.float() + b_enc.detach().float()).to(dtype)
+
+
+@torch.no_grad()
+def encode_batch_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Selection | None:
+    """BatchTopK's selection (the k*B largest entries of z = x_c @ w_enc.T + b_enc over the whole batch,
+    `select_batch_topk`) without the [B, M] matrix z: each row's top 2k candidates come from `encode_topk`,
+    and the rows whose every candidate beats the cut (they may hold more winners) are computed whole, as
+    `batch_topk_flat` adds them from a kept z. Values as `encode_topk` defines them, in its dtype. None
+    where the candidates would be the whole matrix (2k >= M): the caller keeps z then."""
+    b, m = x_c.shape[0], w_enc.shape[0]
+    n, c = k * b, 2 * k
+    if c >= m or n >= b * c:
+        return None
+    cand = encode_topk(x_c, w_enc, b_enc, c)
+    assert cand.values is not None  # encode_topk always keeps them
+    cand_val, cand_col = cand.values.view(b, c), cand.cols.view(b, c)
+    cut, pos = cand_val.reshape(-1).topk(n, sorted=False)
+    saturated = cand_val.min(dim=1).values > cut.min()
+    if bool(saturated.any()):  # the CPU only: a host read costs nothing here
+        sat = saturated.nonzero().squeeze(1)
+        z_sat = _encoded_rows(x_c[sat], w_enc, b_enc, cand_val.dtype)
+        keep = (~saturated).nonzero().squeeze(1)
+        pool_val = torch.cat([cand_val[keep].reshape(-1), z_sat.reshape(-1)])
+        pool_row = torch.cat([keep.repeat_interleave(c), sat.repeat_interleave(m)])
+        pool_col = torch.cat([cand_col[keep].reshape(-1), torch.arange(m).repeat(sat.numel())])
+        pos = pool_val.topk(n, sorted=False).indices
+        rows, cols, values = pool_row[pos], pool_col[pos], pool_val[pos]
+    else:
+        rows, cols, values = pos // c, cand_col.reshape(-1)[pos], cand_val.reshape(-1)[pos]
+    order = (rows * m + cols).argsort()  # row-major, as a Selection lays its entries out
+    rows, cols, values = rows[order], cols[order], values[order]
+    return Selection(rows, cols, _offsets_from_rows(rows, b), m, values)
+
+
 @torch.no_grad()
 def select_flat(flat: Tensor, shape: tuple[int, int]) -> Selection:
     """From flat indices into a [B, M] matrix (any order) -> row-major Selection."""

@@ -99,10 +99,10 @@ class TopKSAE(BaseSAE):
             centre, x_c = self.b_dec, xn - self.b_dec.detach()
         else:
             x_c = xn - self.b_dec
-        if not keep_preacts and self._fused_encode(xn):
-            sel = encode_topk(x_c, self.W_enc, self.b_enc, self.cfg.k)
-            vals = torch.relu(gather_preacts(None, sel, x_c, self.W_enc, self.b_enc, centre))
-            return sel, vals, None, x_c, centre
+        fused = self._fused_select(x_c) if not keep_preacts and self._fused_encode(xn) else None
+        if fused is not None:
+            vals = torch.relu(gather_preacts(None, fused, x_c, self.W_enc, self.b_enc, centre))
+            return fused, vals, None, x_c, centre
         if sparse_grad:
             with torch.no_grad():  # the kept entries re-enter autograd through gather_preacts
                 z = F.linear(x_c, self.W_enc, self.b_enc)
@@ -113,12 +113,17 @@ class TopKSAE(BaseSAE):
         return sel, vals, z, x_c, centre
 
     def _fused_encode(self, xn: Tensor) -> bool:
-        """Whether `encode_topk` (the GEMM and the per-row top-k in blocks, no [B, d_sae] matrix) serves
-        this encoder: the per-token TopK selection on the sparse path, on the CPU, where the GEMM runs
-        in a dtype of FUSED_ENCODE_DTYPES."""
-        if type(self).select is not TopKSAE.select or self.impl != "sparse" or xn.device.type != "cpu":
-            return False
-        return cpu_matmul_dtype(xn) in FUSED_ENCODE_DTYPES
+        """Whether the fused encoder (the GEMM and the selection in blocks of rows, no [B, d_sae] matrix:
+        `_fused_select`) may serve this forward: the sparse path, on the CPU, where the GEMM runs in a
+        dtype of FUSED_ENCODE_DTYPES."""
+        return self.impl == "sparse" and xn.device.type == "cpu" and cpu_matmul_dtype(xn) in FUSED_ENCODE_DTYPES
+
+    def _fused_select(self, x_c: Tensor) -> Selection | None:
+        """`select` computed from x_c [B, d_in] without the pre-activations z, or None where this SAE's
+        selection needs z. A subclass that changes `select` changes this too (or keeps None)."""
+        if type(self).select is not TopKSAE.select:
+            return None
+        return encode_topk(x_c, self.W_enc, self.b_enc, self.cfg.k)
 
     def _forward_normalised(self, xn: Tensor, dense_acts: bool = True) -> dict[str, Tensor]:
         sel, vals, z, x_c, centre = self.encode_selection(xn, keep_preacts=dense_acts)

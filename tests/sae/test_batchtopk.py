@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from sae import SAEConfig
+from sae import SAEConfig, get
 from sae.batchtopk import BatchTopKSAE
 from sae.selection import batch_topk_flat, select_batch_topk
 from tests.sae.synthetic import feature_recovery, fit, heldout_fvu, make_sparse_data, single_thread
@@ -114,3 +114,34 @@ def test_batchtopk_learns_known_dictionary():
     print(f"BatchTopK (threshold {model.threshold.item():.3f}): FVU {fvu:.3f}, recovery {recovery:.3f}")
     assert model.threshold.item() > 0
     assert fvu < 0.1 and recovery >= 0.8
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_the_fused_cpu_encoder_gives_batch_level_training_the_same_step(monkeypatch, arch):
+    """Training in bf16 on the CPU selects without z (encode_batch_topk); forced here in float32, where the
+    step must equal the path that keeps z: same kept entries, loss and gradients."""
+    import sae.topk
+
+    monkeypatch.setattr(sae.topk, "FUSED_ENCODE_DTYPES", (torch.float32,))
+    torch.manual_seed(3)
+    x = torch.randn(200, 16) * 2
+    x[11] *= 30  # a loud token, so that a row saturates its candidates
+    outs, grads = {}, {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(sae.topk.TopKSAE, "_fused_encode", lambda self, xn: False)
+        torch.manual_seed(5)
+        extra = {"group_sizes": [64, 192]} if arch == "matryoshka" else {}
+        model = get(arch)(SAEConfig(type=arch, hidden_size=16, latent_size=256, k=4, **extra))
+        model.train()
+        out = model(x, dense_acts=False)
+        model.loss(out)["total"].backward()
+        assert ("pre_acts" in out) == (not fused)
+        outs[fused] = out
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.equal(outs[True]["sel_rows"], outs[False]["sel_rows"])
+    assert torch.equal(outs[True]["sel_idx"], outs[False]["sel_idx"])
+    assert (outs[True]["sel_rows"] == 11).sum() > 8  # the saturated row kept more than its 2k candidates
+    assert torch.allclose(outs[True]["sae_out"], outs[False]["sae_out"], rtol=1e-5, atol=1e-6)
+    for n in grads[False]:
+        assert torch.allclose(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6), n

@@ -151,3 +151,35 @@ def test_encode_topk_ranks_nan_first_as_torch_topk_does():
     cols, values = sel.cols.view(5, 4), sel.values.view(5, 4)
     assert (cols[[0, 1, 3, 4]] == 17).any(dim=1).all()  # the NaN column is kept in every other row
     assert values[2].isnan().all()
+
+
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_batch_topk_keeps_the_k_b_largest_of_z_saturated_rows_included(monkeypatch, native_kernel, dtype):
+    import sae.selection
+    from sae.selection import encode_batch_topk
+
+    if not native_kernel:
+        monkeypatch.setattr(sae.selection.native, "row_topk", lambda *args, **kwargs: None)
+    torch.manual_seed(4)
+    b, m, k = 120, 700, 5
+    x, w, bias = torch.randn(b, 24), torch.randn(m, 24), torch.randn(m)
+    x[7] *= 40  # a loud token: it holds far more than its 2k candidates of the batch's winners
+    x[50] *= 25
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        sel = encode_batch_topk(x, w, bias, k)
+    z = _encode_reference(x, w, bias, dtype)
+    assert sel.values.dtype == dtype and sel.cols.shape == (k * b,)
+    assert torch.equal(z[sel.rows, sel.cols], sel.values)  # the kept values are z's
+    cut = z.float().reshape(-1).topk(k * b).values  # independent: the k*B largest of the whole matrix
+    assert torch.equal(sel.values.float().sort(descending=True).values, cut)
+    assert (sel.rows == 7).sum() > 2 * k  # the saturated row's extra winners were found
+    flat = sel.rows * m + sel.cols
+    assert (flat.diff() > 0).all()  # row-major, each entry once
+    assert torch.equal(sel.offsets, torch.searchsorted(sel.rows, torch.arange(b)))
+
+
+def test_encode_batch_topk_declines_when_the_candidates_are_the_whole_matrix():
+    from sae.selection import encode_batch_topk
+
+    assert encode_batch_topk(torch.randn(8, 4), torch.randn(10, 4), torch.zeros(10), 5) is None  # 2k >= M
