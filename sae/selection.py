@@ -247,8 +247,10 @@ def encode_batch_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Sele
     """BatchTopK's selection (the k*B largest entries of z = x_c @ w_enc.T + b_enc over the whole batch,
     `select_batch_topk`) without the [B, M] matrix z: each row's top 2k candidates come from `encode_topk`,
     and the rows whose every candidate beats the cut (they may hold more winners) are computed whole, as
-    `batch_topk_flat` adds them from a kept z. Values as `encode_topk` defines them, in its dtype. None
-    where the candidates would be the whole matrix (2k >= M): the caller keeps z then."""
+    `batch_topk_flat` adds them from a kept z. Values as `encode_topk` defines them, in its dtype, up to
+    the GEMM's rounding: a saturated row's come from a GEMM over those rows only, which a float32 kernel
+    may round differently in the last bit. None where the candidates would be the whole matrix (2k >= M):
+    the caller keeps z then."""
     b, m = x_c.shape[0], w_enc.shape[0]
     n, c = k * b, 2 * k
     if c >= m or n >= b * c:
@@ -261,12 +263,16 @@ def encode_batch_topk(x_c: Tensor, w_enc: Tensor, b_enc: Tensor, k: int) -> Sele
     if bool(saturated.any()):  # the CPU only: a host read costs nothing here
         sat = saturated.nonzero().squeeze(1)
         z_sat = _encoded_rows(x_c[sat], w_enc, b_enc, cand_val.dtype)
+        # Fewer than B/2 rows saturate (each holds 2k of the k*B winners, and the cut is not one of its),
+        # so some rows keep their candidates. The pool: their candidates, then the saturated rows' whole z;
+        # a pick's row and column are worked out from its position (no [S, M] index arrays).
         keep = (~saturated).nonzero().squeeze(1)
-        pool_val = torch.cat([cand_val[keep].reshape(-1), z_sat.reshape(-1)])
-        pool_row = torch.cat([keep.repeat_interleave(c), sat.repeat_interleave(m)])
-        pool_col = torch.cat([cand_col[keep].reshape(-1), torch.arange(m).repeat(sat.numel())])
-        pos = pool_val.topk(n, sorted=False).indices
-        rows, cols, values = pool_row[pos], pool_col[pos], pool_val[pos]
+        first = keep.numel() * c
+        values, pos = torch.cat([cand_val[keep].reshape(-1), z_sat.reshape(-1)]).topk(n, sorted=False)
+        in_cand = pos < first
+        p_cand, p_sat = pos.clamp_max(first - 1), (pos - first).clamp_min(0)
+        rows = torch.where(in_cand, keep[p_cand // c], sat[p_sat // m])
+        cols = torch.where(in_cand, cand_col[keep].reshape(-1)[p_cand], p_sat % m)
     else:
         rows, cols, values = pos // c, cand_col.reshape(-1)[pos], cand_val.reshape(-1)[pos]
     order = (rows * m + cols).argsort()  # row-major, as a Selection lays its entries out

@@ -118,13 +118,14 @@ def test_batchtopk_learns_known_dictionary():
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_the_fused_cpu_encoder_gives_batch_level_training_the_same_step(monkeypatch, arch):
-    """Training in bf16 on the CPU selects without z (encode_batch_topk); forced here in float32, where the
-    step must equal the path that keeps z: same kept entries, loss and gradients."""
+    """Training in bf16 on the CPU selects without z (encode_batch_topk); forced here in float64, where the
+    step must equal the path that keeps z: same kept entries, loss and gradients (float64: a saturated
+    row's GEMM over that row alone rounds too little differently to move the cut)."""
     import sae.topk
 
-    monkeypatch.setattr(sae.topk, "FUSED_ENCODE_DTYPES", (torch.float32,))
+    monkeypatch.setattr(sae.topk, "FUSED_ENCODE_DTYPES", (torch.float64,))
     torch.manual_seed(3)
-    x = torch.randn(200, 16) * 2
+    x = torch.randn(200, 16, dtype=torch.float64) * 2
     x[11] *= 30  # a loud token, so that a row saturates its candidates
     outs, grads = {}, {}
     for fused in (True, False):
@@ -132,7 +133,7 @@ def test_the_fused_cpu_encoder_gives_batch_level_training_the_same_step(monkeypa
             monkeypatch.setattr(sae.topk.TopKSAE, "_fused_encode", lambda self, xn: False)
         torch.manual_seed(5)
         extra = {"group_sizes": [64, 192]} if arch == "matryoshka" else {}
-        model = get(arch)(SAEConfig(type=arch, hidden_size=16, latent_size=256, k=4, **extra))
+        model = get(arch)(SAEConfig(type=arch, hidden_size=16, latent_size=256, k=4, **extra)).double()
         model.train()
         out = model(x, dense_acts=False)
         model.loss(out)["total"].backward()

@@ -168,11 +168,16 @@ def test_encode_batch_topk_keeps_the_k_b_largest_of_z_saturated_rows_included(mo
     x[50] *= 25
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         sel = encode_batch_topk(x, w, bias, k)
-    z = _encode_reference(x, w, bias, dtype)
+    z = _encode_reference(x, w, bias, dtype).float()
     assert sel.values.dtype == dtype and sel.cols.shape == (k * b,)
-    assert torch.equal(z[sel.rows, sel.cols], sel.values)  # the kept values are z's
-    cut = z.float().reshape(-1).topk(k * b).values  # independent: the k*B largest of the whole matrix
-    assert torch.equal(sel.values.float().sort(descending=True).values, cut)
+    # A saturated row's values come from a GEMM over that row alone, which may round differently in the
+    # last bit: equal up to one unit in the last place of the compute dtype.
+    ulp = torch.finfo(dtype).eps * z.abs().max()
+    assert (z[sel.rows, sel.cols] - sel.values.float()).abs().max() <= ulp  # the kept values are z's
+    cut = z.reshape(-1).topk(k * b).values.min()  # independent: the k*B-th largest of the whole matrix
+    kept = torch.zeros(b, m, dtype=torch.bool)
+    kept[sel.rows, sel.cols] = True
+    assert (z[kept] >= cut - ulp).all() and (z[~kept] <= cut + ulp).all()  # the k*B largest, up to rounding
     assert (sel.rows == 7).sum() > 2 * k  # the saturated row's extra winners were found
     flat = sel.rows * m + sel.cols
     assert (flat.diff() > 0).all()  # row-major, each entry once
