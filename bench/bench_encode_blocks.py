@@ -16,9 +16,7 @@ the trainer, so neither side pays for page faults of fresh matrices. Ratios are 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,24 +24,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_topk_select import timed  # noqa: E402  (median ms of reps calls after a warm-up)
+
 import sae.selection as selection  # noqa: E402
 from native.heap import retain_freed_memory  # noqa: E402
 
 
-def timed(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def case(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int, autocast: bool, rows_list: list[int],
          reps: int) -> tuple[float, list[float]]:
-    """(whole seconds, [blocked seconds for each block size])."""
+    """(whole ms, [blocked ms for each block size])."""
     def whole():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return selection.row_topk(F.linear(x, w, b), k)
@@ -84,7 +73,7 @@ def main() -> None:
         x, w, b = torch.randn(args.batch, args.d), torch.randn(m, args.d) / 20, torch.randn(m) / 10
         for name in args.dtypes:
             base, cells = case(x, w, b, args.k, name == "bfloat16", args.rows, args.reps)
-            print(f"| {m} | {name} | {base * 1e3:.1f} | " + " | ".join(f"{c * 1e3:.1f}" for c in cells)
+            print(f"| {m} | {name} | {base:.1f} | " + " | ".join(f"{c:.1f}" for c in cells)
                   + f" | {base / min(cells):.2f} |", flush=True)
 
 

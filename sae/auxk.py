@@ -47,27 +47,23 @@ def auxk_loss(
         raise ValueError(f"dead_mask must have shape ({w_enc.shape[0]},), got {tuple(dead_mask.shape)}")
     if sync_free is None:
         sync_free = x_c.device.type != "cpu"
-    if z is None:
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0:
-            return x_c.new_zeros(())
-        sel = select_dead_topk_encoded(x_c, w_enc, b_enc, dead_mask, min(aux_k, n_dead))
-        vals = torch.relu(gather_preacts(None, sel, x_c, w_enc, b_enc, out.get("sae_in_centre")))
-        any_dead = torch.ones((), dtype=torch.bool, device=x_c.device)
-    elif sync_free:
+    if z is not None and sync_free:
         # Fixed shapes only: a GPU step never waits on the host for the number of dead latents.
         sel, keep = select_dead_topk_masked(z.detach(), dead_mask, aux_k)
-        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc, out.get("sae_in_centre"))) * keep
+        vals = torch.relu(gather_preacts(z, sel, x_c, w_enc, b_enc, out.get("sae_in_centre"))) * keep
         any_dead = dead_mask.any()
     else:
         # On a CPU a "sync" is free and the top-k over the dead columns only is much cheaper than a
-        # full-width masked one when few latents are dead.
+        # full-width masked one when few latents are dead. Without z (the fused encoder) those columns'
+        # pre-activations are computed here, the selection carrying them for gather_preacts.
         n_dead = int(dead_mask.sum())
         if n_dead == 0:
-            return z.new_zeros(())
-        sel = select_dead_topk(z.detach(), dead_mask, min(aux_k, n_dead))
-        vals = torch.relu(gather_preacts(z, sel, out["sae_in"], w_enc, b_enc, out.get("sae_in_centre")))
-        any_dead = torch.ones((), dtype=torch.bool, device=z.device)
+            return (x_c if z is None else z).new_zeros(())
+        k_aux = min(aux_k, n_dead)
+        sel = (select_dead_topk_encoded(x_c, w_enc, b_enc, dead_mask, k_aux) if z is None
+               else select_dead_topk(z.detach(), dead_mask, k_aux))
+        vals = torch.relu(gather_preacts(z, sel, x_c, w_enc, b_enc, out.get("sae_in_centre")))
+        any_dead = torch.ones((), dtype=torch.bool, device=x_c.device)
     e_hat = decode_selected(sel, vals, w_dec, impl)
     e = (out["target"] - out["sae_out"]).detach()
     num = (e - e_hat).pow(2).sum()
